@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian machine lacks for building and testing disco.
+# Only acts as root; otherwise it reports what is missing and carries on
+# (the build then skips the parts whose dependencies are absent).
+set -euo pipefail
+
+missing_apt=()
+command -v cmake >/dev/null 2>&1 || missing_apt+=(cmake)
+command -v gcc >/dev/null 2>&1 || missing_apt+=(gcc)
+command -v make >/dev/null 2>&1 || missing_apt+=(make)
+command -v mpicc >/dev/null 2>&1 || missing_apt+=(libopenmpi-dev openmpi-bin)
+command -v clang >/dev/null 2>&1 || missing_apt+=(clang)
+# libFuzzer and the sanitizer runtimes for clang
+ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 ||
+  missing_apt+=(libclang-rt-dev)
+command -v python3 >/dev/null 2>&1 || missing_apt+=(python3 python3-pip)
+
+if [ ${#missing_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "install-deps: apt-get install ${missing_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing_apt[@]}" >/dev/null
+  else
+    echo "install-deps: missing (run as root to install): ${missing_apt[*]}" >&2
+  fi
+fi
+
+# Python side: numpy and pytest from PyPI (see docs/dependencies.md).
+if ! python3 -c 'import numpy, pytest' >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] || [ -n "${VIRTUAL_ENV:-}" ]; then
+    python3 -m pip install -q --disable-pip-version-check -r python/requirements-test.txt
+  else
+    echo "install-deps: numpy/pytest missing: pip install -r python/requirements-test.txt" >&2
+  fi
+fi
