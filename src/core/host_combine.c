@@ -56,8 +56,9 @@ disco_result_t disco_host_combine(disco_comm_t *comm, disco_handle_t *handle,
           fn, q, comm->rank);
 
   /* Expert side: one partial per received record (source rank, token). */
-  const int weighted =
-      args->weighted && handle->weighted && handle->layout == DISCO_LAYOUT_EXPERT_MAJOR;
+  /* Weighting follows each token's own rank: rows from a rank that gave no
+   * weights carry 1.0, and 1.0f * y == y exactly, so no per-rank flag here. */
+  const int weighted = args->weighted && handle->layout == DISCO_LAYOUT_EXPERT_MAJOR;
   for (int64_t i = 0; i < p->n_recv; i++) {
     unsigned char *part = ws->buf_r + (size_t)i * ws->part_bytes;
     if (handle->layout == DISCO_LAYOUT_EXPERT_MAJOR) {
