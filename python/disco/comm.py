@@ -329,14 +329,7 @@ class Comm:
         args.x = _arrays.ptr_or_none(xi)
         args.topk_idx = _arrays.ptr_or_none(ii)
         args.index_type = _lib.INDEX_INT32 if ii.dtype == "int32" else _lib.INDEX_INT64
-        keep_alive = None
         if wi is not None:
-            if T == 0:
-                # A rank with no tokens still passes weights: the library
-                # applies received weights only where the expert rank's own
-                # dispatch had a non-NULL topk_weights (see docs/python.md).
-                keep_alive = _arrays.empty(fw, (1, self.top_k), "float32", dev)
-                wi = _arrays.inspect(keep_alive, "topk_weights")
             args.topk_weights = wi.ptr
         args.num_tokens = T
         args.layout = _LAYOUTS[layout]
@@ -375,7 +368,6 @@ class Comm:
             args.num_recv_rows = _arrays.inspect(num_rows_buf, "num_recv_rows").ptr
             args.flags = _lib.DISPATCH_REUSE_LAYOUT
             self._call("disco_dispatch", self._ptr(), hptr, byref(args))
-            del keep_alive  # the C call has read it (host) or enqueued on the stream
             handle.num_rows = n
             handle.num_tokens = T
             handle.layout = layout
