@@ -27,6 +27,15 @@ static disco_result_t check_dispatch(const char *fn, disco_comm_t *comm,
                        "%s: DISCO_DISPATCH_REUSE_LAYOUT but the handle holds no plan "
                        "(call disco_dispatch_layout first) on rank %d",
                        fn, comm->rank);
+  /* The plan fixes which tokens move: another T would read x and write out
+   * past what the caller gave. */
+  if (!layout_only && (a->flags & DISCO_DISPATCH_REUSE_LAYOUT) &&
+      a->num_tokens != handle->num_tokens)
+    return disco_error(DISCO_ERR_INVALID_USAGE,
+                       "%s: DISCO_DISPATCH_REUSE_LAYOUT with num_tokens = %lld but the "
+                       "plan was made for %lld on rank %d",
+                       fn, (long long)a->num_tokens, (long long)handle->num_tokens,
+                       comm->rank);
   return DISCO_SUCCESS;
 }
 
