@@ -39,7 +39,7 @@ extern "C" {
 #define DISCO_VERSION_MAJOR 0
 #define DISCO_VERSION_MINOR 1
 #define DISCO_VERSION_PATCH 0
-#define DISCO_VERSION                                                           \
+#define DISCO_VERSION \
   (DISCO_VERSION_MAJOR * 10000 + DISCO_VERSION_MINOR * 100 + DISCO_VERSION_PATCH)
 /* Version of the struct layouts below; bumped when a field is appended. */
 #define DISCO_STRUCT_VERSION 1
@@ -49,32 +49,32 @@ DISCO_API int disco_get_version(void);
 
 /* ---- results ------------------------------------------------------------ */
 /* X(name, value, description): the single list of result codes. */
-#define DISCO_RESULT_LIST(X)                                                    \
-  X(DISCO_SUCCESS, 0, "success")                                               \
-  X(DISCO_ERR_INVALID_ARGUMENT, 1, "invalid argument")                         \
-  X(DISCO_ERR_NULL_POINTER, 2, "required pointer is NULL")                     \
-  X(DISCO_ERR_MISALIGNED, 3, "buffer is not aligned for its element type")     \
-  X(DISCO_ERR_BAD_STRUCT, 4, "struct not initialised by its DISCO_*_INIT macro") \
-  X(DISCO_ERR_EXPERT_OUT_OF_RANGE, 5, "expert id outside [-1, num_experts)")   \
-  X(DISCO_ERR_DUPLICATE_EXPERT, 6, "same expert twice in one token's top-k")   \
-  X(DISCO_ERR_TOO_MANY_TOKENS, 7, "num_tokens outside [0, max_tokens]")        \
-  X(DISCO_ERR_EXPERT_DIVISIBILITY, 8, "num_experts not a multiple of world size") \
+#define DISCO_RESULT_LIST(X)                                                           \
+  X(DISCO_SUCCESS, 0, "success")                                                       \
+  X(DISCO_ERR_INVALID_ARGUMENT, 1, "invalid argument")                                 \
+  X(DISCO_ERR_NULL_POINTER, 2, "required pointer is NULL")                             \
+  X(DISCO_ERR_MISALIGNED, 3, "buffer is not aligned for its element type")             \
+  X(DISCO_ERR_BAD_STRUCT, 4, "struct not initialised by its DISCO_*_INIT macro")       \
+  X(DISCO_ERR_EXPERT_OUT_OF_RANGE, 5, "expert id outside [-1, num_experts)")           \
+  X(DISCO_ERR_DUPLICATE_EXPERT, 6, "same expert twice in one token's top-k")           \
+  X(DISCO_ERR_TOO_MANY_TOKENS, 7, "num_tokens outside [0, max_tokens]")                \
+  X(DISCO_ERR_EXPERT_DIVISIBILITY, 8, "num_experts not a multiple of world size")      \
   X(DISCO_ERR_HIDDEN_ALIGNMENT, 9, "hidden * element size not a multiple of 16 bytes") \
-  X(DISCO_ERR_CAPACITY, 10, "output capacity too small")                       \
-  X(DISCO_ERR_INVALID_USAGE, 11, "call not valid in this state")               \
-  X(DISCO_ERR_OUT_OF_MEMORY, 12, "allocation failed")                          \
-  X(DISCO_ERR_TIMEOUT, 13, "a peer did not arrive in time")                    \
-  X(DISCO_ERR_REMOTE, 14, "another rank failed this collective call")          \
-  X(DISCO_ERR_BACKEND, 15, "transport (MPI/NCCL) call failed")                 \
-  X(DISCO_ERR_CUDA, 16, "CUDA runtime call failed")                            \
-  X(DISCO_ERR_NOT_SUPPORTED, 17, "not supported by this build or backend")     \
+  X(DISCO_ERR_CAPACITY, 10, "output capacity too small")                               \
+  X(DISCO_ERR_INVALID_USAGE, 11, "call not valid in this state")                       \
+  X(DISCO_ERR_OUT_OF_MEMORY, 12, "allocation failed")                                  \
+  X(DISCO_ERR_TIMEOUT, 13, "a peer did not arrive in time")                            \
+  X(DISCO_ERR_REMOTE, 14, "another rank failed this collective call")                  \
+  X(DISCO_ERR_BACKEND, 15, "transport (MPI/NCCL) call failed")                         \
+  X(DISCO_ERR_CUDA, 16, "CUDA runtime call failed")                                    \
+  X(DISCO_ERR_NOT_SUPPORTED, 17, "not supported by this build or backend")             \
   X(DISCO_ERR_INTERNAL, 18, "internal error (a bug in disco)")
 
 typedef enum disco_result {
 #define DISCO_X_ENUM_(name, value, desc) name = value,
   DISCO_RESULT_LIST(DISCO_X_ENUM_)
 #undef DISCO_X_ENUM_
-  DISCO_RESULT_COUNT_
+      DISCO_RESULT_COUNT_
 } disco_result_t;
 
 /* Short description of a code ("output capacity too small"); never NULL. */
@@ -123,22 +123,24 @@ typedef enum disco_combine_wire {
 #define DISCO_CONFIG_MAGIC 0x44434647u /* "DCFG" */
 
 typedef struct disco_config {
-  size_t size;      /* sizeof(disco_config_t), set by DISCO_CONFIG_INIT */
-  uint32_t magic;   /* DISCO_CONFIG_MAGIC */
-  uint32_t version; /* DISCO_STRUCT_VERSION */
-  int32_t num_experts;      /* E, required, E % world_size == 0 */
-  int32_t top_k;            /* K, required, 1..DISCO_MAX_TOP_K */
-  int64_t hidden;           /* H, required, H * elem_size % 16 == 0 */
-  int64_t max_tokens;       /* per-rank token capacity, required, >= 0 */
-  disco_dtype_t dtype;      /* element type of x, expert outputs and out */
-  int32_t timeout_ms;       /* bound on every wait; 0 = env DISCO_TIMEOUT_MS or 10000 */
-  int32_t max_sms;          /* GPU backends: cap on SMs used by kernels; 0 = auto */
+  size_t size;         /* sizeof(disco_config_t), set by DISCO_CONFIG_INIT */
+  uint32_t magic;      /* DISCO_CONFIG_MAGIC */
+  uint32_t version;    /* DISCO_STRUCT_VERSION */
+  int32_t num_experts; /* E, required, E % world_size == 0 */
+  int32_t top_k;       /* K, required, 1..DISCO_MAX_TOP_K */
+  int64_t hidden;      /* H, required, H * elem_size % 16 == 0 */
+  int64_t max_tokens;  /* per-rank token capacity, required, >= 0 */
+  disco_dtype_t dtype; /* element type of x, expert outputs and out */
+  int32_t timeout_ms;  /* bound on every wait; 0 = env DISCO_TIMEOUT_MS or 10000 */
+  int32_t max_sms;     /* GPU backends: cap on SMs used by kernels; 0 = auto */
   disco_combine_wire_t combine_wire;
 } disco_config_t;
 
-#define DISCO_CONFIG_INIT                                                       \
-  {sizeof(disco_config_t), DISCO_CONFIG_MAGIC, DISCO_STRUCT_VERSION, 0, 0, 0, 0, \
-   DISCO_DTYPE_BF16, 0, 0, DISCO_COMBINE_WIRE_FP32}
+#define DISCO_CONFIG_INIT                                                         \
+  {                                                                               \
+    sizeof(disco_config_t), DISCO_CONFIG_MAGIC, DISCO_STRUCT_VERSION, 0, 0, 0, 0, \
+        DISCO_DTYPE_BF16, 0, 0, DISCO_COMBINE_WIRE_FP32                           \
+  }
 
 /* ---- communicator and handle -------------------------------------------- */
 typedef struct disco_comm disco_comm_t;
@@ -160,8 +162,8 @@ DISCO_API disco_result_t disco_comm_create_local(int world_size,
  * Handles must be destroyed first (destroying the comm invalidates them). */
 DISCO_API void disco_comm_destroy(disco_comm_t *comm);
 
-DISCO_API int disco_comm_rank(const disco_comm_t *comm);       /* -1 if NULL */
-DISCO_API int disco_comm_size(const disco_comm_t *comm);       /* -1 if NULL */
+DISCO_API int disco_comm_rank(const disco_comm_t *comm); /* -1 if NULL */
+DISCO_API int disco_comm_size(const disco_comm_t *comm); /* -1 if NULL */
 DISCO_API int disco_comm_num_local_experts(const disco_comm_t *comm);
 DISCO_API const char *disco_comm_backend(const disco_comm_t *comm); /* "local"... */
 /* Copy of the normalised config (defaults filled in). */
@@ -172,8 +174,7 @@ DISCO_API int disco_comm_uses_device_memory(const disco_comm_t *comm);
 
 /* A handle holds one dispatch's routing plan for the matching combine. Its
  * memory is sized from the config here, never per call. Not collective. */
-DISCO_API disco_result_t disco_handle_create(disco_comm_t *comm,
-                                             disco_handle_t **handle);
+DISCO_API disco_result_t disco_handle_create(disco_comm_t *comm, disco_handle_t **handle);
 DISCO_API void disco_handle_destroy(disco_handle_t *handle);
 
 /* After a successful dispatch or dispatch_layout: rows this rank receives
@@ -201,28 +202,31 @@ typedef struct disco_dispatch_args {
   const float *topk_weights;     /* [num_tokens, K] fp32, or NULL = unweighted */
   int64_t num_tokens;            /* 0 <= num_tokens <= max_tokens */
   disco_layout_t layout;
-  int32_t expert_alignment;      /* EXPERT_MAJOR: pad each expert's rows to a
-                                    multiple of this (0 or 1: no padding) */
-  uint32_t flags;                /* DISCO_DISPATCH_* */
-  void *stream;                  /* cudaStream_t on GPU backends; ignored on host */
+  int32_t expert_alignment; /* EXPERT_MAJOR: pad each expert's rows to a
+                               multiple of this (0 or 1: no padding) */
+  uint32_t flags;           /* DISCO_DISPATCH_* */
+  void *stream;             /* cudaStream_t on GPU backends; ignored on host */
   /* outputs; recv_capacity rows each. Only recv_x is required (when rows > 0);
    * metadata pointers may be NULL when not wanted. */
   int64_t recv_capacity;
-  void *recv_x;              /* [cap, H] */
-  int32_t *recv_src_rank;    /* [cap] */
-  int32_t *recv_src_token;   /* [cap] */
-  int32_t *recv_expert;      /* EXPERT_MAJOR: [cap] global id; RANK_MAJOR: [cap, K] local ids */
-  float *recv_weight;        /* EXPERT_MAJOR: [cap]; RANK_MAJOR: [cap, K] */
+  void *recv_x;            /* [cap, H] */
+  int32_t *recv_src_rank;  /* [cap] */
+  int32_t *recv_src_token; /* [cap] */
+  int32_t
+      *recv_expert;   /* EXPERT_MAJOR: [cap] global id; RANK_MAJOR: [cap, K] local ids */
+  float *recv_weight; /* EXPERT_MAJOR: [cap]; RANK_MAJOR: [cap, K] */
   int32_t *n_tokens_to_rank;   /* [world_size] */
   int32_t *n_tokens_from_rank; /* [world_size] */
   int32_t *tokens_per_expert;  /* [num_local_experts], rows per expert incl. padding */
   int64_t *num_recv_rows;      /* [1] rows received (same memory space as outputs) */
 } disco_dispatch_args_t;
 
-#define DISCO_DISPATCH_ARGS_INIT                                                \
-  {sizeof(disco_dispatch_args_t), DISCO_DISPATCH_ARGS_MAGIC, DISCO_STRUCT_VERSION, \
-   NULL, NULL, DISCO_INDEX_INT64, NULL, 0, DISCO_LAYOUT_EXPERT_MAJOR, 1, 0u, NULL, \
-   0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL}
+#define DISCO_DISPATCH_ARGS_INIT                                                        \
+  {                                                                                     \
+    sizeof(disco_dispatch_args_t), DISCO_DISPATCH_ARGS_MAGIC, DISCO_STRUCT_VERSION,     \
+        NULL, NULL, DISCO_INDEX_INT64, NULL, 0, DISCO_LAYOUT_EXPERT_MAJOR, 1, 0u, NULL, \
+        0, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL                         \
+  }
 
 /*
  * Computes the routing plan into `handle` and exchanges counts, without moving
@@ -234,8 +238,7 @@ typedef struct disco_dispatch_args {
  * count exchange on `stream` completes). Not CUDA-graph capturable.
  * Errors: as disco_dispatch, except CAPACITY.
  */
-DISCO_API disco_result_t disco_dispatch_layout(disco_comm_t *comm,
-                                               disco_handle_t *handle,
+DISCO_API disco_result_t disco_dispatch_layout(disco_comm_t *comm, disco_handle_t *handle,
                                                const disco_dispatch_args_t *args,
                                                int64_t *num_recv_rows);
 
@@ -270,9 +273,11 @@ typedef struct disco_combine_args {
   void *stream;
 } disco_combine_args_t;
 
-#define DISCO_COMBINE_ARGS_INIT                                                 \
-  {sizeof(disco_combine_args_t), DISCO_COMBINE_ARGS_MAGIC, DISCO_STRUCT_VERSION, \
-   NULL, -1, NULL, 1, NULL}
+#define DISCO_COMBINE_ARGS_INIT                                                         \
+  {                                                                                     \
+    sizeof(disco_combine_args_t), DISCO_COMBINE_ARGS_MAGIC, DISCO_STRUCT_VERSION, NULL, \
+        -1, NULL, 1, NULL                                                               \
+  }
 
 /*
  * out[t] = sum over valid slots j of w[t,j] * y[row(t,j)] in DESIGN.md's fixed

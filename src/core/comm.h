@@ -63,13 +63,13 @@ struct disco_comm {
   size_t row_bytes; /* hidden * elem_size */
   int timeout_ms;
   uint64_t generation; /* bumped by every successful dispatch (handle matching) */
-  void *host_ws;       /* host-path workspace (see host_path.c); NULL for device backends */
+  void *host_ws; /* host-path workspace (see host_path.c); NULL for device backends */
 };
 
 struct disco_handle {
   disco_comm_t *comm;
-  int valid;          /* holds a plan from a successful dispatch/dispatch_layout */
-  int data_moved;     /* a dispatch (not only layout) completed: combine allowed */
+  int valid;      /* holds a plan from a successful dispatch/dispatch_layout */
+  int data_moved; /* a dispatch (not only layout) completed: combine allowed */
   disco_layout_t layout;
   int weighted;       /* the dispatch had topk_weights */
   int64_t num_tokens; /* T of the dispatch */

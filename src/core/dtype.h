@@ -35,7 +35,9 @@ DISCO_HD float disco_bits_f32(uint32_t u) {
 #endif
 }
 
-DISCO_HD float disco_bf16_to_f32(uint16_t h) { return disco_bits_f32((uint32_t)h << 16); }
+DISCO_HD float disco_bf16_to_f32(uint16_t h) {
+  return disco_bits_f32((uint32_t)h << 16);
+}
 
 DISCO_HD uint16_t disco_f32_to_bf16(float f) {
   uint32_t u = disco_f32_bits(f);
@@ -74,8 +76,8 @@ DISCO_HD uint16_t disco_f32_to_f16(float f) {
   uint32_t ax = x & 0x7fffffffu;
   if (ax > 0x7f800000u) return (uint16_t)(sign | 0x7e00u | ((ax >> 13) & 0x3ffu));
   if (ax >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* >= 65520: inf */
-  if (ax < 0x38800000u) {                                    /* below 2^-14 */
-    if (ax <= 0x33000000u) return (uint16_t)sign;            /* <= 2^-25: 0 */
+  if (ax < 0x38800000u) {                                   /* below 2^-14 */
+    if (ax <= 0x33000000u) return (uint16_t)sign;           /* <= 2^-25: 0 */
     uint32_t m = (ax & 0x7fffffu) | 0x800000u;
     uint32_t shift = 126u - (ax >> 23);
     uint32_t q = m >> shift;

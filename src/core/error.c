@@ -15,32 +15,38 @@ disco_result_t disco_error(disco_result_t code, const char *fmt, ...) {
   return code;
 }
 
-void disco_error_clear(void) { last_error[0] = '\0'; }
+void disco_error_clear(void) {
+  last_error[0] = '\0';
+}
 
-const char *disco_last_error(void) { return last_error; }
+const char *disco_last_error(void) {
+  return last_error;
+}
 
 const char *disco_result_string(disco_result_t result) {
   switch (result) {
-#define DISCO_X_STR_(name, value, desc)                                         \
-  case name:                                                                    \
+#define DISCO_X_STR_(name, value, desc) \
+  case name:                            \
     return desc;
     DISCO_RESULT_LIST(DISCO_X_STR_)
 #undef DISCO_X_STR_
-  default:
-    return "unknown result code";
+    default:
+      return "unknown result code";
   }
 }
 
 const char *disco_result_name(disco_result_t result) {
   switch (result) {
-#define DISCO_X_NAME_(name, value, desc)                                        \
-  case name:                                                                    \
+#define DISCO_X_NAME_(name, value, desc) \
+  case name:                             \
     return #name;
     DISCO_RESULT_LIST(DISCO_X_NAME_)
 #undef DISCO_X_NAME_
-  default:
-    return "DISCO_ERR_UNKNOWN";
+    default:
+      return "DISCO_ERR_UNKNOWN";
   }
 }
 
-int disco_get_version(void) { return DISCO_VERSION; }
+int disco_get_version(void) {
+  return DISCO_VERSION;
+}

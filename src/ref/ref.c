@@ -33,7 +33,8 @@ static int64_t ref_idx(const disco_ref_input_t *in, int k, int64_t t, int j) {
 }
 
 /* 1 if token t of `in` has an expert on rank `dst`. */
-static int ref_goes_to(const disco_ref_input_t *in, const ref_dims_t *d, int64_t t, int dst) {
+static int ref_goes_to(const disco_ref_input_t *in, const ref_dims_t *d, int64_t t,
+                       int dst) {
   for (int j = 0; j < d->k; j++) {
     int64_t e = ref_idx(in, d->k, t, j);
     if (e >= 0 && e / d->e_loc == dst) return 1;
@@ -49,11 +50,14 @@ static int ref_slot_of(const disco_ref_input_t *in, const ref_dims_t *d, int64_t
   return -1;
 }
 
-static float ref_weight(const disco_ref_input_t *in, const ref_dims_t *d, int64_t t, int j) {
+static float ref_weight(const disco_ref_input_t *in, const ref_dims_t *d, int64_t t,
+                        int j) {
   return in->topk_weights ? in->topk_weights[t * d->k + j] : 1.0f;
 }
 
-static void *ref_alloc(size_t n, size_t size) { return calloc(n ? n : 1, size); }
+static void *ref_alloc(size_t n, size_t size) {
+  return calloc(n ? n : 1, size);
+}
 
 void disco_ref_output_free(disco_ref_output_t *out) {
   if (!out) return;
@@ -74,8 +78,8 @@ static int64_t ref_pad(int64_t n, int align) {
 }
 
 /* Rows per local expert on rank `dst` before padding. */
-static void ref_expert_counts(const ref_dims_t *d, const disco_ref_input_t *inputs, int dst,
-                              int64_t *count) {
+static void ref_expert_counts(const ref_dims_t *d, const disco_ref_input_t *inputs,
+                              int dst, int64_t *count) {
   for (int l = 0; l < d->e_loc; l++) count[l] = 0;
   for (int s = 0; s < d->world; s++)
     for (int64_t t = 0; t < inputs[s].num_tokens; t++)
@@ -100,7 +104,8 @@ int disco_ref_dispatch(const disco_config_t *cfg, int world, int rank,
   out->n_tokens_from_rank = ref_alloc((size_t)world, sizeof(int32_t));
   out->tokens_per_expert = ref_alloc((size_t)d.e_loc, sizeof(int32_t));
   count = ref_alloc((size_t)d.e_loc, sizeof(int64_t));
-  if (!out->n_tokens_to_rank || !out->n_tokens_from_rank || !out->tokens_per_expert || !count)
+  if (!out->n_tokens_to_rank || !out->n_tokens_from_rank || !out->tokens_per_expert ||
+      !count)
     goto cleanup;
 
   for (int p = 0; p < world; p++) {
@@ -161,7 +166,8 @@ int disco_ref_dispatch(const disco_config_t *cfg, int world, int rank,
         for (int j = 0; j < d.k; j++) {
           int64_t e = ref_idx(&inputs[s], d.k, t, j);
           int local = e >= 0 && e / d.e_loc == rank;
-          out->expert[pos * d.k + j] = local ? (int32_t)(e - (int64_t)rank * d.e_loc) : -1;
+          out->expert[pos * d.k + j] =
+              local ? (int32_t)(e - (int64_t)rank * d.e_loc) : -1;
           out->weight[pos * d.k + j] = local ? ref_weight(&inputs[s], &d, t, j) : 0.0f;
           if (local) out->tokens_per_expert[e - (int64_t)rank * d.e_loc]++;
         }
@@ -229,8 +235,8 @@ int disco_ref_combine(const disco_config_t *cfg, int world, int rank,
   for (size_t i = 0; i < (size_t)world * map_len; i++) rows[i] = -1;
   for (int p = 0; p < world; p++) {
     ref_expert_counts(&d, inputs, p, counts + (size_t)p * d.e_loc);
-    ref_row_map(&d, inputs, p, layout, expert_alignment, counts + (size_t)p * d.e_loc, rank,
-                rows + (size_t)p * map_len);
+    ref_row_map(&d, inputs, p, layout, expert_alignment, counts + (size_t)p * d.e_loc,
+                rank, rows + (size_t)p * map_len);
   }
 
   for (int64_t t = 0; t < mine->num_tokens; t++) {
@@ -257,10 +263,11 @@ int disco_ref_combine(const disco_config_t *cfg, int world, int rank,
           }
           first = 0;
         }
-        if (cfg->combine_wire == DISCO_COMBINE_WIRE_DTYPE && cfg->dtype != DISCO_DTYPE_FP32) {
+        if (cfg->combine_wire == DISCO_COMBINE_WIRE_DTYPE &&
+            cfg->dtype != DISCO_DTYPE_FP32) {
           for (int64_t h = 0; h < d.hidden; h++) {
             uint16_t bits = cfg->dtype == DISCO_DTYPE_BF16 ? disco_f32_to_bf16(part[h])
-                                                          : disco_f32_to_f16(part[h]);
+                                                           : disco_f32_to_f16(part[h]);
             part[h] = cfg->dtype == DISCO_DTYPE_BF16 ? disco_bf16_to_f32(bits)
                                                      : disco_f16_to_f32(bits);
           }

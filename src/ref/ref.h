@@ -29,12 +29,12 @@ typedef struct disco_ref_input {
 
 typedef struct disco_ref_output {
   int64_t num_rows;
-  void *recv_x;          /* [rows, H] */
-  int32_t *src_rank;     /* [rows] */
-  int32_t *src_token;    /* [rows] */
-  int32_t *expert;       /* EXPERT_MAJOR [rows] global; RANK_MAJOR [rows, K] local */
-  float *weight;         /* same shape as expert */
-  int32_t *n_tokens_to_rank;   /* [W] */
+  void *recv_x;              /* [rows, H] */
+  int32_t *src_rank;         /* [rows] */
+  int32_t *src_token;        /* [rows] */
+  int32_t *expert;           /* EXPERT_MAJOR [rows] global; RANK_MAJOR [rows, K] local */
+  float *weight;             /* same shape as expert */
+  int32_t *n_tokens_to_rank; /* [W] */
   int32_t *n_tokens_from_rank; /* [W] */
   int32_t *tokens_per_expert;  /* [E_loc], padded counts */
 } disco_ref_output_t;

@@ -7,12 +7,12 @@
 #include "ref/ref.h"
 
 static int failures;
-#define CHECK(cond)                                                             \
-  do {                                                                          \
-    if (!(cond)) {                                                              \
-      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond);  \
-      failures++;                                                               \
-    }                                                                           \
+#define CHECK(cond)                                                            \
+  do {                                                                         \
+    if (!(cond)) {                                                             \
+      fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
+      failures++;                                                              \
+    }                                                                          \
   } while (0)
 
 enum { H = 8 };
@@ -56,8 +56,10 @@ int main(void) {
    * token 2 = 0; rank 1 token 0 = 2x + 4x */
   const void *ys[2] = {o.recv_x, o1.recv_x};
   float out0[3 * H], out1[H];
-  CHECK(disco_ref_combine(&cfg, 2, 0, in, DISCO_LAYOUT_EXPERT_MAJOR, 2, ys, 1, out0) == 0);
-  CHECK(disco_ref_combine(&cfg, 2, 1, in, DISCO_LAYOUT_EXPERT_MAJOR, 2, ys, 1, out1) == 0);
+  CHECK(disco_ref_combine(&cfg, 2, 0, in, DISCO_LAYOUT_EXPERT_MAJOR, 2, ys, 1, out0) ==
+        0);
+  CHECK(disco_ref_combine(&cfg, 2, 1, in, DISCO_LAYOUT_EXPERT_MAJOR, 2, ys, 1, out1) ==
+        0);
   for (int h = 0; h < H; h++) {
     CHECK(out0[h] == 0.5f * x0[h] + 0.25f * x0[h]);
     CHECK(out0[H + h] == x0[H + h]);
@@ -65,7 +67,8 @@ int main(void) {
     CHECK(out1[h] == 2.0f * x1[h] + 4.0f * x1[h]);
   }
   /* unweighted: plain sums */
-  CHECK(disco_ref_combine(&cfg, 2, 1, in, DISCO_LAYOUT_EXPERT_MAJOR, 2, ys, 0, out1) == 0);
+  CHECK(disco_ref_combine(&cfg, 2, 1, in, DISCO_LAYOUT_EXPERT_MAJOR, 2, ys, 0, out1) ==
+        0);
   CHECK(out1[3] == 2.0f * x1[3]);
   disco_ref_output_free(&o1);
   disco_ref_output_free(&o);

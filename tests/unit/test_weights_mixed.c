@@ -57,18 +57,21 @@ int main(void) {
   disco_ref_output_t o[W];
   const void *ys[W];
   for (int p = 0; p < W; p++) {
-    CHECK(disco_ref_dispatch(&cfg, W, p, inputs, DISCO_LAYOUT_EXPERT_MAJOR, 1, &o[p]) == 0,
-          "ref dispatch");
+    CHECK(
+        disco_ref_dispatch(&cfg, W, p, inputs, DISCO_LAYOUT_EXPERT_MAJOR, 1, &o[p]) == 0,
+        "ref dispatch");
     ys[p] = o[p].recv_x;
   }
   float want[T1 * H];
-  CHECK(disco_ref_combine(&cfg, W, 1, inputs, DISCO_LAYOUT_EXPERT_MAJOR, 1, ys, 1, want) == 0,
+  CHECK(disco_ref_combine(&cfg, W, 1, inputs, DISCO_LAYOUT_EXPERT_MAJOR, 1, ys, 1,
+                          want) == 0,
         "ref combine");
   for (int i = 0; i < T1 * H; i++)
-    CHECK(memcmp(&want[i], &out1[i], sizeof(float)) == 0, "out[%d][%d] = %g, want %g", i / H,
-          i % H, (double)out1[i], (double)want[i]);
+    CHECK(memcmp(&want[i], &out1[i], sizeof(float)) == 0, "out[%d][%d] = %g, want %g",
+          i / H, i % H, (double)out1[i], (double)want[i]);
   /* token 0: 0.5x + 0.25x, both experts on rank 0 */
-  CHECK(out1[0] == 0.5f * x1[0] + 0.25f * x1[0], "token 0 not weighted: %g", (double)out1[0]);
+  CHECK(out1[0] == 0.5f * x1[0] + 0.25f * x1[0], "token 0 not weighted: %g",
+        (double)out1[0]);
   for (int p = 0; p < W; p++) disco_ref_output_free(&o[p]);
   for (int r = 0; r < W; r++) disco_comm_destroy(comms[r]);
   return unit_finish("test_weights_mixed");
