@@ -8,7 +8,7 @@ JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 BUILD_TYPE ?= RelWithDebInfo
 
-.PHONY: all build deps demo test test-unit test-asan test-tsan test-fuzz format clean
+.PHONY: all build deps demo test test-unit test-asan test-tsan test-fuzz format format-check clean
 
 all: build
 
@@ -25,7 +25,7 @@ demo: deps build
 # The whole suite: normal build (with the CUDA sources compiled when nvcc is
 # there), ASan+UBSan build of the CPU tests, TSan run of the local backend,
 # and a bounded libFuzzer run.
-test: deps test-unit test-asan test-tsan test-fuzz
+test: deps format-check test-unit test-asan test-tsan test-fuzz
 	@echo "make test: all suites passed"
 
 test-unit: build
@@ -50,7 +50,15 @@ test-fuzz:
 	@bash tests/fuzz/run.sh $(FUZZ_SECONDS)
 
 format:
-	clang-format -i $$(git ls-files '*.c' '*.h' '*.cu')
+	clang-format -i $$(git ls-files '*.c' '*.h' '*.cu' '*.cuh')
+
+# Fails when a tracked C/CUDA file differs from .clang-format (skipped when
+# clang-format is not installed).
+format-check:
+	@if command -v clang-format >/dev/null 2>&1; then \
+	  clang-format --dry-run --Werror $$(git ls-files '*.c' '*.h' '*.cu' '*.cuh') && \
+	  echo "format-check: ok"; \
+	else echo "format-check: clang-format not installed, skipped"; fi
 
 clean:
 	rm -rf build build-asan build-tsan build-fuzz

@@ -10,6 +10,7 @@ command -v gcc >/dev/null 2>&1 || missing_apt+=(gcc)
 command -v make >/dev/null 2>&1 || missing_apt+=(make)
 command -v mpicc >/dev/null 2>&1 || missing_apt+=(libopenmpi-dev openmpi-bin)
 command -v clang >/dev/null 2>&1 || missing_apt+=(clang)
+command -v clang-format >/dev/null 2>&1 || missing_apt+=(clang-format)
 # libFuzzer and the sanitizer runtimes for clang
 ls /usr/lib/llvm-*/lib/clang/*/lib/linux/libclang_rt.fuzzer-x86_64.a >/dev/null 2>&1 ||
   missing_apt+=(libclang-rt-dev)
