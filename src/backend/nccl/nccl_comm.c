@@ -1,0 +1,377 @@
+/* NCCL backend: communicator and handle lifetime, checked-call helpers and
+ * the bounded host wait. */
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "disco_nccl.h"
+
+#include "backend/nccl/nccl_backend.h"
+#include "core/error.h"
+
+#define DISCO_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
+#define DISCO_SMEM_LIMIT 49152
+
+disco_result_t disco_nccl_cuda(cudaError_t e, const char *fn, const char *what, int rank) {
+  if (e == cudaSuccess) return DISCO_SUCCESS;
+  if (e == cudaErrorMemoryAllocation)
+    return disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: %s: %s on rank %d", fn, what,
+                       cudaGetErrorString(e), rank);
+  return disco_error(DISCO_ERR_CUDA, "%s: %s: %s (%s) on rank %d", fn, what,
+                     cudaGetErrorName(e), cudaGetErrorString(e), rank);
+}
+
+disco_result_t disco_nccl_nccl(ncclResult_t e, const char *fn, const char *what, int rank) {
+  if (e == ncclSuccess) return DISCO_SUCCESS;
+  return disco_error(DISCO_ERR_BACKEND, "%s: %s: %s (%s) on rank %d", fn, what,
+                     ncclGetErrorString(e), ncclGetLastError(NULL), rank);
+}
+
+static double disco_now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+static disco_result_t disco_poll(ncclComm_t nc, cudaEvent_t ev, int timeout_ms,
+                                 const char *fn, const char *what, int rank) {
+  const double deadline = disco_now_ms() + (double)timeout_ms;
+  for (unsigned it = 0;; it++) {
+    ncclResult_t ae = ncclSuccess, r;
+    if (ev != NULL) {
+      cudaError_t e = cudaEventQuery(ev);
+      if (e == cudaSuccess) return DISCO_SUCCESS;
+      if (e != cudaErrorNotReady) return disco_nccl_cuda(e, fn, what, rank);
+    }
+    if (ev == NULL || (it & 63u) == 63u) {
+      r = ncclCommGetAsyncError(nc, &ae);
+      if (r != ncclSuccess) return disco_nccl_nccl(r, fn, "ncclCommGetAsyncError", rank);
+      if (ev == NULL && ae == ncclSuccess) return DISCO_SUCCESS;
+      if (ae != ncclSuccess && ae != ncclInProgress)
+        return disco_nccl_nccl(ae, fn, what, rank);
+      if (disco_now_ms() > deadline)
+        return disco_error(DISCO_ERR_TIMEOUT,
+                           "%s: %s did not complete within %d ms on rank %d (a peer may "
+                           "be missing; the NCCL comm may need ncclCommAbort)",
+                           fn, what, timeout_ms, rank);
+      if ((it & 4095u) == 4095u) sched_yield(); /* long waits: let others run */
+    }
+  }
+}
+
+disco_result_t disco_nccl_group_end(disco_comm_t *comm, const char *fn) {
+  disco_nccl_state_t *st = comm->backend_state;
+  ncclResult_t r = ncclGroupEnd();
+  if (r == ncclInProgress) /* non-blocking comm: wait for the enqueue */
+    return disco_poll(st->nccl, NULL, comm->timeout_ms, fn, "ncclGroupEnd", comm->rank);
+  return disco_nccl_nccl(r, fn, "ncclGroupEnd", comm->rank);
+}
+
+disco_result_t disco_nccl_wait(disco_comm_t *comm, const char *fn) {
+  disco_nccl_state_t *st = comm->backend_state;
+  return disco_poll(st->nccl, st->done, comm->timeout_ms, fn, "count exchange", comm->rank);
+}
+
+/* ---- handles ---------------------------------------------------------------- */
+/* Sub-allocation of one block; with base NULL only the size is computed. */
+static void *disco_carve(char *base, size_t *off, size_t bytes) {
+  void *p = base != NULL ? (void *)(base + *off) : NULL;
+  *off += DISCO_ALIGN_UP(bytes, 256);
+  return p;
+}
+
+static size_t disco_plan_layout(disco_comm_t *comm, disco_dev_plan_t *d, char *base) {
+  const disco_nccl_state_t *st = comm->backend_state;
+  const disco_kparams_t *p = &st->kp;
+  const size_t M = (size_t)p->max_tokens, K = (size_t)p->top_k, W = (size_t)p->world;
+  const size_t L = (size_t)p->num_local, KD = (size_t)p->kd;
+  const size_t tpb = 32u * (size_t)p->layout_warps;
+  const size_t bmax = M == 0 ? 1 : (M + tpb - 1) / tpb;
+  size_t off = 0;
+  d->slot = disco_carve(base, &off, M * K * 4);
+  d->slot_pos = disco_carve(base, &off, M * K * 4);
+  d->tok_dest = disco_carve(base, &off, M * KD * 4);
+  d->tok_dpos = disco_carve(base, &off, M * KD * 4);
+  d->tok_row = disco_carve(base, &off, M * KD * 4);
+  d->blk_base = disco_carve(base, &off, bmax * (size_t)p->num_cols * 4);
+  d->msg = disco_carve(base, &off, 2 * W * (size_t)p->msg_len * 8);
+  d->recv_off = disco_carve(base, &off, (W + 1) * 8);
+  d->exp_off = disco_carve(base, &off, (L + 1) * 8);
+  d->exp_total = disco_carve(base, &off, (L + 1) * 8);
+  d->srcbase = disco_carve(base, &off, (W * L + 1) * 8);
+  d->num_rows = disco_carve(base, &off, 8);
+  d->ok = disco_carve(base, &off, 4);
+  d->comb_rows = disco_carve(base, &off, W * M * K * 4);
+  d->comb_w = disco_carve(base, &off, W * M * K * 4);
+  return off;
+}
+
+static void disco_nccl_handle_fini(disco_comm_t *comm, disco_handle_t *handle) {
+  disco_nccl_plan_t *pl = handle->backend_plan;
+  (void)comm;
+  if (pl == NULL) return;
+  cudaFree(pl->dev_mem);
+  cudaFreeHost(pl->host_msg);
+  free(pl->n_to);
+  free(pl);
+  handle->backend_plan = NULL;
+}
+
+static disco_result_t disco_nccl_handle_init(disco_comm_t *comm, disco_handle_t *handle) {
+  static const char fn[] = "disco_handle_create";
+  disco_nccl_state_t *st = comm->backend_state;
+  const int W = comm->world_size;
+  disco_result_t rc;
+  disco_nccl_plan_t *pl = calloc(1, sizeof(*pl));
+  if (pl == NULL)
+    return disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn,
+                       comm->rank);
+  handle->backend_plan = pl;
+  pl->n_to = calloc((size_t)(3 * W + 1), sizeof(int64_t));
+  if (pl->n_to == NULL) {
+    rc = disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn, comm->rank);
+    goto fail;
+  }
+  pl->n_from = pl->n_to + W;
+  pl->recv_off = pl->n_from + W;
+  rc = disco_nccl_cuda(cudaSetDevice(st->device), fn, "cudaSetDevice", comm->rank);
+  if (rc != DISCO_SUCCESS) goto fail;
+  size_t bytes = disco_plan_layout(comm, &pl->dev, NULL);
+  rc = disco_nccl_cuda(cudaMalloc(&pl->dev_mem, bytes), fn, "cudaMalloc(plan)", comm->rank);
+  if (rc != DISCO_SUCCESS) goto fail;
+  disco_plan_layout(comm, &pl->dev, pl->dev_mem);
+  rc = disco_nccl_cuda(
+      cudaMallocHost((void **)&pl->host_msg, 2u * (size_t)W * (size_t)st->kp.msg_len * 8u),
+      fn, "cudaMallocHost(counts)", comm->rank);
+  if (rc != DISCO_SUCCESS) goto fail;
+  return DISCO_SUCCESS;
+fail:
+  disco_nccl_handle_fini(comm, handle);
+  return rc;
+}
+
+/* ---- comm ------------------------------------------------------------------- */
+static void disco_nccl_destroy(disco_comm_t *comm) {
+  disco_nccl_state_t *st = comm->backend_state;
+  if (st == NULL) return;
+  cudaSetDevice(st->device);
+  cudaFree(st->kp.ws_send);
+  cudaFree(st->kp.ws_recv);
+  cudaFree(st->kp.send_meta);
+  cudaFree(st->kp.recv_meta);
+  cudaFree(st->kp.blk_cnt);
+  cudaFree(st->kp.err_key);
+  if (st->done != NULL) cudaEventDestroy(st->done);
+  if (st->ev_fork != NULL) cudaEventDestroy(st->ev_fork);
+  if (st->ev_pack != NULL) cudaEventDestroy(st->ev_pack);
+  if (st->ev_mid != NULL) cudaEventDestroy(st->ev_mid);
+  if (st->ev_aux != NULL) cudaEventDestroy(st->ev_aux);
+  if (st->aux != NULL) cudaStreamDestroy(st->aux);
+  free(st);
+  comm->backend_state = NULL;
+}
+
+static const disco_backend_ops_t disco_nccl_ops = {
+    .name = "nccl",
+    .device_memory = 1,
+    .alltoall = NULL,
+    .alltoallv = NULL,
+    .dispatch = disco_nccl_dispatch,
+    .combine = disco_nccl_combine,
+    .handle_init = disco_nccl_handle_init,
+    .handle_fini = disco_nccl_handle_fini,
+    .destroy = disco_nccl_destroy,
+};
+
+/* Sizes, limits and workspaces of this rank. */
+static disco_result_t disco_nccl_setup(disco_comm_t *comm, const char *fn) {
+  disco_nccl_state_t *st = comm->backend_state;
+  disco_kparams_t *p = &st->kp;
+  const disco_config_t *c = &comm->config;
+  const int W = comm->world_size, K = c->top_k, E = c->num_experts;
+  const int64_t M = c->max_tokens;
+  disco_result_t rc;
+  int sms = 0;
+  p->rank = comm->rank;
+  p->world = W;
+  p->num_experts = E;
+  p->num_local = comm->num_local_experts;
+  p->top_k = K;
+  p->kd = K < W ? K : W;
+  p->num_cols = E + W;
+  p->dtype = (int)c->dtype;
+  p->row_bytes = comm->row_bytes;
+  p->row_vecs = (int)(comm->row_bytes / 16u);
+  p->meta_ints = DISCO_ALIGN_UP(2 + 3 * K, 4);
+  p->msg_len = DISCO_MSG_COUNTS + p->num_local;
+  p->max_tokens = M;
+  p->layout_warps = 8;
+  while (p->layout_warps > 0 &&
+         2u * (size_t)p->layout_warps * (size_t)p->num_cols * 4u > DISCO_SMEM_LIMIT)
+    p->layout_warps /= 2;
+  if (p->layout_warps == 0 || p->num_cols > 6000 || p->num_local >= (1 << 23) ||
+      (double)W * (double)M * (double)K > 2147483647.0 ||
+      (double)comm->row_bytes / 16.0 > 2147483647.0)
+    return disco_error(DISCO_ERR_NOT_SUPPORTED,
+                       "%s: num_experts + world_size = %d (max 6000) or world_size * "
+                       "max_tokens * top_k = %.0f (max 2^31-1) too large on rank %d",
+                       fn, p->num_cols, (double)W * (double)M * (double)K, comm->rank);
+  rc = disco_nccl_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                              st->device),
+                       fn, "cudaDeviceGetAttribute", comm->rank);
+  if (rc != DISCO_SUCCESS) return rc;
+  if (c->max_sms > 0 && c->max_sms < sms) sms = c->max_sms;
+  p->max_blocks = 8 * (sms > 0 ? sms : 1);
+  /* Test hook / tuning knob; all ranks must agree (checked in create). */
+  const char *env = getenv("DISCO_NCCL_SPLIT_BYTES");
+  st->split_bytes = env != NULL && atoll(env) > 0 ? atoll(env) : DISCO_SPLIT_BYTES;
+  const size_t wire = c->combine_wire == DISCO_COMBINE_WIRE_FP32 ? 4u : comm->elem_size;
+  const size_t elem = wire > comm->elem_size ? wire : comm->elem_size;
+  const size_t tpb = 32u * (size_t)p->layout_warps;
+  const size_t bmax = M == 0 ? 1 : ((size_t)M + tpb - 1) / tpb;
+  st->ws_bytes = (size_t)W * (size_t)M * (size_t)c->hidden * elem;
+  st->meta_bytes = (size_t)W * (size_t)M * (size_t)p->meta_ints * 4u;
+  struct {
+    void **ptr;
+    size_t bytes;
+    const char *what;
+  } allocs[] = {
+      {&p->ws_send, st->ws_bytes, "cudaMalloc(send workspace)"},
+      {&p->ws_recv, st->ws_bytes, "cudaMalloc(receive workspace)"},
+      {(void **)&p->send_meta, st->meta_bytes, "cudaMalloc(send metadata)"},
+      {(void **)&p->recv_meta, st->meta_bytes, "cudaMalloc(receive metadata)"},
+      {(void **)&p->blk_cnt, bmax * (size_t)p->num_cols * 4u, "cudaMalloc(block counts)"},
+      {(void **)&p->err_key, 8u, "cudaMalloc(error key)"},
+  };
+  for (size_t i = 0; i < sizeof(allocs) / sizeof(allocs[0]); i++) {
+    rc = disco_nccl_cuda(cudaMalloc(allocs[i].ptr, allocs[i].bytes ? allocs[i].bytes : 16u),
+                         fn, allocs[i].what, comm->rank);
+    if (rc != DISCO_SUCCESS) return rc;
+  }
+  rc = disco_nccl_cuda(cudaMemset(p->err_key, 0xff, 8u), fn, "cudaMemset", comm->rank);
+  if (rc != DISCO_SUCCESS) return rc;
+  cudaEvent_t *evs[] = {&st->done, &st->ev_fork, &st->ev_pack, &st->ev_mid, &st->ev_aux};
+  for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++) {
+    rc = disco_nccl_cuda(cudaEventCreateWithFlags(evs[i], cudaEventDisableTiming), fn,
+                         "cudaEventCreate", comm->rank);
+    if (rc != DISCO_SUCCESS) return rc;
+  }
+  return disco_nccl_cuda(cudaStreamCreateWithFlags(&st->aux, cudaStreamNonBlocking), fn,
+                         "cudaStreamCreate", comm->rank);
+}
+
+/* Every rank learns whether all created their comm with the same config. */
+#define DISCO_NF 8
+static disco_result_t disco_nccl_agree(ncclComm_t nc, int rank, int timeout_ms,
+                                       const disco_config_t *c, int64_t split, int failed,
+                                       const char *fn, int *any_failed, int *mismatch) {
+  int64_t v[2 * DISCO_NF] = {0};
+  int64_t *dev = NULL;
+  cudaStream_t s = NULL;
+  cudaEvent_t ev = NULL;
+  disco_result_t rc;
+  v[0] = failed;
+  if (!failed) {
+    v[1] = c->num_experts;
+    v[2] = c->top_k;
+    v[3] = c->hidden;
+    v[4] = c->max_tokens;
+    v[5] = c->dtype;
+    v[6] = c->combine_wire;
+    v[7] = split;
+  }
+  for (int i = 0; i < DISCO_NF; i++) v[DISCO_NF + i] = -v[i];
+  rc = disco_nccl_cuda(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), fn,
+                       "cudaStreamCreate", rank);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming), fn,
+                         "cudaEventCreate", rank);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaMalloc((void **)&dev, sizeof(v)), fn, "cudaMalloc", rank);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaMemcpyAsync(dev, v, sizeof(v), cudaMemcpyHostToDevice, s), fn,
+                         "cudaMemcpyAsync", rank);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_nccl(ncclAllReduce(dev, dev, 2 * DISCO_NF, ncclInt64, ncclMax, nc, s),
+                         fn, "ncclAllReduce", rank);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaMemcpyAsync(v, dev, sizeof(v), cudaMemcpyDeviceToHost, s), fn,
+                         "cudaMemcpyAsync", rank);
+  if (rc == DISCO_SUCCESS) rc = disco_nccl_cuda(cudaEventRecord(ev, s), fn, "cudaEventRecord", rank);
+  if (rc == DISCO_SUCCESS) rc = disco_poll(nc, ev, timeout_ms, fn, "config agreement", rank);
+  if (rc == DISCO_SUCCESS) {
+    *any_failed = v[0] != 0;
+    *mismatch = 0;
+    for (int i = 1; i < DISCO_NF; i++)
+      if (v[i] != -v[DISCO_NF + i]) *mismatch = 1;
+  }
+  if (dev != NULL) cudaFree(dev);
+  if (ev != NULL) cudaEventDestroy(ev);
+  if (s != NULL) cudaStreamDestroy(s);
+  return rc;
+}
+
+disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm, const disco_config_t *config,
+                                      disco_comm_t **out) {
+  static const char fn[] = "disco_comm_create_nccl";
+  disco_comm_t *comm = NULL;
+  disco_nccl_state_t *st = NULL;
+  int rank = -1, world = 0, device = -1, any_failed = 0, mismatch = 0;
+  disco_result_t rc, local;
+  disco_error_clear();
+  if (out == NULL) return disco_error(DISCO_ERR_NULL_POINTER, "%s: comm output is NULL", fn);
+  *out = NULL;
+  if (nccl_comm == NULL)
+    return disco_error(DISCO_ERR_NULL_POINTER, "%s: nccl_comm is NULL", fn);
+  rc = disco_nccl_nccl(ncclCommUserRank(nccl_comm, &rank), fn, "ncclCommUserRank", -1);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_nccl(ncclCommCount(nccl_comm, &world), fn, "ncclCommCount", rank);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaGetDevice(&device), fn, "cudaGetDevice", rank);
+  if (rc != DISCO_SUCCESS) return rc;
+  /* A local failure still joins the agreement so peers do not wait for us. */
+  local = disco_comm_alloc(config, rank, world, fn, &comm);
+  if (local == DISCO_SUCCESS) {
+    st = calloc(1, sizeof(*st));
+    if (st == NULL)
+      local = disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn, rank);
+  }
+  if (local == DISCO_SUCCESS) {
+    comm->ops = &disco_nccl_ops;
+    comm->backend_state = st;
+    st->nccl = nccl_comm;
+    st->device = device;
+    local = disco_nccl_setup(comm, fn);
+  }
+  char saved[512];
+  snprintf(saved, sizeof(saved), "%s", disco_last_error());
+  rc = disco_nccl_agree(nccl_comm, rank,
+                        comm != NULL ? comm->timeout_ms : DISCO_DEFAULT_TIMEOUT_MS,
+                        comm != NULL ? &comm->config : NULL,
+                        st != NULL ? st->split_bytes : 0, local != DISCO_SUCCESS, fn,
+                        &any_failed, &mismatch);
+  if (rc != DISCO_SUCCESS) goto fail;
+  if (local != DISCO_SUCCESS) {
+    rc = disco_error(local, "%s", saved);
+    goto fail;
+  }
+  if (any_failed) {
+    rc = disco_error(DISCO_ERR_REMOTE, "%s: another rank failed to create its comm (seen on rank %d)",
+                     fn, rank);
+    goto fail;
+  }
+  if (mismatch) {
+    rc = disco_error(DISCO_ERR_INVALID_ARGUMENT,
+                     "%s: config differs between ranks (num_experts, top_k, hidden, "
+                     "max_tokens, dtype, combine_wire or DISCO_NCCL_SPLIT_BYTES) on rank %d",
+                     fn, rank);
+    goto fail;
+  }
+  *out = comm;
+  return DISCO_SUCCESS;
+fail:
+  disco_comm_destroy(comm);
+  return rc;
+}

@@ -1,0 +1,413 @@
+/* NCCL backend: dispatch and combine (host side: kernel launches, NCCL
+ * groups, the one count read-back). See src/cuda/kernels.h for the flow. */
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "backend/nccl/nccl_backend.h"
+#include "core/error.h"
+#include "core/validate.h"
+
+#define CK_CUDA(call, what)                                                     \
+  do {                                                                          \
+    rc = disco_nccl_cuda((call), fn, (what), comm->rank);                       \
+    if (rc != DISCO_SUCCESS) goto done;                                         \
+  } while (0)
+#define CK_NCCL(call, what)                                                     \
+  do {                                                                          \
+    rc = disco_nccl_nccl((call), fn, (what), comm->rank);                       \
+    if (rc != DISCO_SUCCESS) goto done;                                         \
+  } while (0)
+/* Open a group; `done` closes it if a call inside fails. */
+#define GROUP_START()                                                           \
+  do {                                                                          \
+    CK_NCCL(ncclGroupStart(), "ncclGroupStart");                                \
+    in_group = 1;                                                               \
+  } while (0)
+#define GROUP_END()                                                             \
+  do {                                                                          \
+    in_group = 0;                                                               \
+    rc = disco_nccl_group_end(comm, fn);                                        \
+    if (rc != DISCO_SUCCESS) goto done;                                         \
+  } while (0)
+
+/* Rows this rank receives for a layout, from the read-back messages. */
+static int64_t disco_host_rows(const disco_kparams_t *p, const int64_t *recv,
+                               disco_layout_t layout, int align) {
+  int64_t rows = 0;
+  if (layout == DISCO_LAYOUT_RANK_MAJOR) {
+    for (int s = 0; s < p->world; s++) rows += recv[(int64_t)s * p->msg_len + DISCO_MSG_TOKENS];
+    return rows;
+  }
+  for (int l = 0; l < p->num_local; l++) {
+    int64_t n = 0;
+    for (int s = 0; s < p->world; s++) n += recv[(int64_t)s * p->msg_len + DISCO_MSG_COUNTS + l];
+    if (align > 1) n = (n + align - 1) / align * align;
+    rows += n;
+  }
+  return rows;
+}
+
+/* Host copies of the exchanged counts (after a successful read-back). */
+static void disco_take_counts(disco_nccl_plan_t *pl, const disco_kparams_t *p, int64_t T) {
+  const int W = p->world;
+  const int64_t *sent = pl->host_msg, *recv = pl->host_msg + (int64_t)W * p->msg_len;
+  pl->recv_off[0] = 0;
+  for (int s = 0; s < W; s++) {
+    pl->n_to[s] = sent[(int64_t)s * p->msg_len + DISCO_MSG_TOKENS];
+    pl->n_from[s] = recv[(int64_t)s * p->msg_len + DISCO_MSG_TOKENS];
+    pl->recv_off[s + 1] = pl->recv_off[s] + pl->n_from[s];
+  }
+  pl->recv_tokens = pl->recv_off[W];
+  pl->num_tokens = T;
+  pl->has_counts = 1;
+}
+
+/* Statuses of every rank, identical everywhere: the lowest failing rank. */
+static disco_result_t disco_check_status(disco_comm_t *comm, const int64_t *recv,
+                                         const char *fn) {
+  const disco_kparams_t *p = &((disco_nccl_state_t *)comm->backend_state)->kp;
+  for (int s = 0; s < p->world; s++) {
+    const int64_t *m = recv + (int64_t)s * p->msg_len;
+    disco_result_t code = (disco_result_t)m[DISCO_MSG_CODE];
+    char what[160];
+    if (code == DISCO_SUCCESS) continue;
+    if (code == DISCO_ERR_DUPLICATE_EXPERT)
+      snprintf(what, sizeof(what), "topk_idx[%lld][%lld] = %lld repeats topk_idx[%lld][%lld]",
+               (long long)m[DISCO_MSG_ROW], (long long)m[DISCO_MSG_SLOT],
+               (long long)m[DISCO_MSG_VALUE], (long long)m[DISCO_MSG_ROW],
+               (long long)m[DISCO_MSG_PREV]);
+    else
+      snprintf(what, sizeof(what), "topk_idx[%lld][%lld] = %lld outside [-1, %d)",
+               (long long)m[DISCO_MSG_ROW], (long long)m[DISCO_MSG_SLOT],
+               (long long)m[DISCO_MSG_VALUE], p->num_experts);
+    if (s == comm->rank)
+      return disco_error(code, "%s: %s%s on rank %d", fn, what,
+                         code == DISCO_ERR_DUPLICATE_EXPERT ? " (same expert twice)" : "",
+                         s);
+    return disco_error(DISCO_ERR_REMOTE,
+                       "%s: rank %d rejected its input (%s: %s); no data moved (seen on "
+                       "rank %d)",
+                       fn, s, disco_result_name(code), what, comm->rank);
+  }
+  return DISCO_SUCCESS;
+}
+
+/* Combine only (EXPERT_MAJOR, top_k >= DISCO_SPLIT_MIN_TOPK): rows of a
+ * peer segment from which its partials go in two pipelined halves. */
+static int64_t disco_split_rows(const disco_comm_t *comm) {
+  const disco_nccl_state_t *st = comm->backend_state;
+  return (st->split_bytes + (int64_t)comm->row_bytes - 1) / (int64_t)comm->row_bytes;
+}
+
+/* Rows [lo, hi) of an n-row peer segment that pipelined chunk c carries:
+ * c = 0 the first part, c = 1 the rest, c < 0 all. Both ends decide alike:
+ * the sender's n_to equals the receiver's n_from, row_bytes is the config's.
+ * Must match disco_sel (src/cuda/rowsel.cuh). */
+static void disco_half(int64_t n, int c, int64_t split, int64_t *lo, int64_t *hi) {
+  int64_t h = n >= split ? n / 2 : n;
+  *lo = c == 1 ? h : 0;
+  *hi = c == 0 ? h : n;
+}
+
+/* Rows of the peers' halves of chunk c (launch size of a chunk rowsel). */
+static disco_rowsel_t disco_chunk_sel(const disco_comm_t *comm, const disco_nccl_plan_t *pl,
+                                      int c) {
+  disco_rowsel_t s = {0, 0, 0, 0, c, disco_split_rows(comm)};
+  for (int q = 0; q < comm->world_size; q++) {
+    int64_t lo, hi;
+    if (q == comm->rank) continue;
+    disco_half(pl->n_from[q], c, s.split, &lo, &hi);
+    s.n += hi - lo;
+  }
+  return s;
+}
+
+/* One NCCL group of dispatch rows + metadata (c < 0: whole segments).
+ * `dst`: where received rows land (recv_x or the workspace). */
+static disco_result_t disco_post_rows(disco_comm_t *comm, const disco_nccl_plan_t *pl,
+                                      char *dst, int c, cudaStream_t stream, const char *fn) {
+  const disco_nccl_state_t *st = comm->backend_state;
+  const disco_kparams_t *p = &st->kp;
+  const int W = comm->world_size, r = comm->rank;
+  const size_t rb = comm->row_bytes, mb = (size_t)p->meta_ints * 4u, M = (size_t)p->max_tokens;
+  const int64_t split = disco_split_rows(comm);
+  disco_result_t rc = disco_nccl_nccl(ncclGroupStart(), fn, "ncclGroupStart", r);
+  if (rc != DISCO_SUCCESS) return rc;
+  for (int d = 0; d < W && rc == DISCO_SUCCESS; d++) {
+    int64_t lo, hi;
+    if (d == r) continue;
+    disco_half(pl->n_to[d], c, split, &lo, &hi);
+    if (hi > lo) {
+      rc = disco_nccl_nccl(ncclSend((char *)p->ws_send + ((size_t)d * M + (size_t)lo) * rb,
+                                    (size_t)(hi - lo) * rb, ncclChar, d, st->nccl, stream),
+                           fn, "ncclSend(rows)", r);
+      if (rc == DISCO_SUCCESS)
+        rc = disco_nccl_nccl(
+            ncclSend(p->send_meta + ((size_t)d * M + (size_t)lo) * (size_t)p->meta_ints,
+                     (size_t)(hi - lo) * mb, ncclChar, d, st->nccl, stream),
+            fn, "ncclSend(metadata)", r);
+    }
+    disco_half(pl->n_from[d], c, split, &lo, &hi);
+    if (hi > lo && rc == DISCO_SUCCESS) {
+      const size_t at = (size_t)(pl->recv_off[d] + lo);
+      rc = disco_nccl_nccl(ncclRecv(dst + at * rb, (size_t)(hi - lo) * rb, ncclChar, d,
+                                    st->nccl, stream),
+                           fn, "ncclRecv(rows)", r);
+      if (rc == DISCO_SUCCESS)
+        rc = disco_nccl_nccl(ncclRecv(p->recv_meta + at * (size_t)p->meta_ints,
+                                      (size_t)(hi - lo) * mb, ncclChar, d, st->nccl, stream),
+                             fn, "ncclRecv(metadata)", r);
+    }
+  }
+  if (rc != DISCO_SUCCESS) {
+    ncclGroupEnd(); /* close the group after a failed call inside */
+    return rc;
+  }
+  return disco_nccl_group_end(comm, fn);
+}
+
+/* One NCCL group of combine partials (row bytes wb), chunk c. */
+static disco_result_t disco_post_partials(disco_comm_t *comm, const disco_nccl_plan_t *pl,
+                                          const char *part, size_t wb, int c,
+                                          cudaStream_t stream, const char *fn) {
+  const disco_nccl_state_t *st = comm->backend_state;
+  const int W = comm->world_size, r = comm->rank;
+  const size_t M = (size_t)st->kp.max_tokens;
+  const int64_t split = disco_split_rows(comm);
+  disco_result_t rc = disco_nccl_nccl(ncclGroupStart(), fn, "ncclGroupStart", r);
+  if (rc != DISCO_SUCCESS) return rc;
+  for (int d = 0; d < W && rc == DISCO_SUCCESS; d++) {
+    int64_t lo, hi;
+    if (d == r) continue;
+    disco_half(pl->n_from[d], c, split, &lo, &hi);
+    if (hi > lo)
+      rc = disco_nccl_nccl(ncclSend(part + (size_t)(pl->recv_off[d] + lo) * wb,
+                                    (size_t)(hi - lo) * wb, ncclChar, d, st->nccl, stream),
+                           fn, "ncclSend(partials)", r);
+    disco_half(pl->n_to[d], c, split, &lo, &hi);
+    if (hi > lo && rc == DISCO_SUCCESS)
+      rc = disco_nccl_nccl(ncclRecv((char *)st->kp.ws_send + ((size_t)d * M + (size_t)lo) * wb,
+                                    (size_t)(hi - lo) * wb, ncclChar, d, st->nccl, stream),
+                           fn, "ncclRecv(partials)", r);
+  }
+  if (rc != DISCO_SUCCESS) {
+    ncclGroupEnd();
+    return rc;
+  }
+  return disco_nccl_group_end(comm, fn);
+}
+
+disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
+                                   const disco_dispatch_args_t *args, int layout_only,
+                                   int64_t *num_rows) {
+  const char *fn = layout_only ? "disco_dispatch_layout" : "disco_dispatch";
+  disco_nccl_state_t *st = comm->backend_state;
+  disco_nccl_plan_t *pl = handle->backend_plan;
+  const disco_kparams_t *p = &st->kp;
+  const disco_dev_plan_t *dp = &pl->dev;
+  cudaStream_t stream = (cudaStream_t)args->stream;
+  const int reuse = !layout_only && (args->flags & DISCO_DISPATCH_REUSE_LAYOUT);
+  const int rank_major = args->layout == DISCO_LAYOUT_RANK_MAJOR;
+  const int align = rank_major || args->expert_alignment < 1 ? 1 : args->expert_alignment;
+  const int idx64 = args->index_type == DISCO_INDEX_INT64;
+  const int W = comm->world_size, r = comm->rank;
+  const int64_t M = p->max_tokens, T = args->num_tokens;
+  const size_t rb = comm->row_bytes;
+  const int64_t *recv = pl->host_msg + (int64_t)W * p->msg_len;
+  disco_result_t rc, cap_rc = DISCO_SUCCESS;
+  cudaEvent_t tail = NULL; /* last event recorded on the side stream */
+  int in_group = 0;
+  int64_t rows;
+
+  CK_CUDA(cudaSetDevice(st->device), "cudaSetDevice");
+  if (reuse) {
+    if (!pl->has_counts || T != pl->num_tokens) {
+      rc = disco_error(DISCO_ERR_INVALID_USAGE,
+                       "%s: DISCO_DISPATCH_REUSE_LAYOUT with num_tokens = %lld but the "
+                       "handle's plan is for %lld tokens on rank %d",
+                       fn, (long long)T, (long long)pl->num_tokens, r);
+      goto done;
+    }
+  } else {
+    pl->has_counts = 0;
+    CK_CUDA(disco_k_layout(p, dp, args->topk_idx, idx64, T, stream), "layout kernel");
+    CK_CUDA(disco_k_finalize(p, dp, args->topk_idx, idx64, T, stream), "finalize kernel");
+  }
+  if (!layout_only) { /* pack beside the count exchange */
+    CK_CUDA(cudaEventRecord(st->ev_fork, stream), "cudaEventRecord");
+    CK_CUDA(cudaStreamWaitEvent(st->aux, st->ev_fork, 0), "cudaStreamWaitEvent");
+    CK_CUDA(disco_k_pack(p, dp, args->x, args->topk_weights, T, rank_major, st->aux),
+            "pack kernel");
+    CK_CUDA(cudaEventRecord(st->ev_pack, st->aux), "cudaEventRecord");
+    tail = st->ev_pack;
+  }
+  if (!reuse) {
+    /* Count messages (with each rank's status) to every peer. */
+    const size_t msg_bytes = (size_t)p->msg_len * 8u;
+    GROUP_START();
+    for (int d = 0; d < W; d++) {
+      if (d == r) continue;
+      CK_NCCL(ncclSend(dp->msg + (int64_t)d * p->msg_len, msg_bytes, ncclChar, d, st->nccl,
+                       stream), "ncclSend(counts)");
+      CK_NCCL(ncclRecv(dp->msg + (int64_t)(W + d) * p->msg_len, msg_bytes, ncclChar, d,
+                       st->nccl, stream), "ncclRecv(counts)");
+    }
+    GROUP_END();
+    CK_CUDA(cudaMemcpyAsync(pl->host_msg, dp->msg, 2u * (size_t)W * msg_bytes,
+                            cudaMemcpyDeviceToHost, stream),
+            "cudaMemcpyAsync(counts)");
+    CK_CUDA(cudaEventRecord(st->done, stream), "cudaEventRecord");
+    if (layout_only) {
+      /* The device plan is (re)made for the actual layout at dispatch. */
+      rc = disco_nccl_wait(comm, fn);
+      if (rc != DISCO_SUCCESS) goto done;
+      rc = disco_check_status(comm, recv, fn);
+      if (rc != DISCO_SUCCESS) goto done;
+      disco_take_counts(pl, p, T);
+      *num_rows = disco_host_rows(p, recv, args->layout, align);
+      goto done;
+    }
+  }
+  /* Receive plan and user counts; written on the device only if every rank's
+   * status is fine and this rank's outputs can hold what it receives. */
+  CK_CUDA(disco_k_recv_plan(p, dp, (int)args->layout, align, args->n_tokens_to_rank,
+                            args->n_tokens_from_rank, args->tokens_per_expert,
+                            args->num_recv_rows, args->recv_x ? args->recv_capacity : 0,
+                            stream),
+          "recv_plan kernel");
+  CK_CUDA(cudaEventRecord(st->ev_mid, stream), "cudaEventRecord");
+  if (!reuse) { /* the one host read of counts */
+    rc = disco_nccl_wait(comm, fn);
+    if (rc != DISCO_SUCCESS) goto done;
+    rc = disco_check_status(comm, recv, fn);
+    if (rc != DISCO_SUCCESS) goto done;
+    disco_take_counts(pl, p, T);
+  }
+  rows = disco_host_rows(p, recv, args->layout, align);
+  cap_rc = disco_validate_dispatch_rows(fn, comm, args, rows);
+  if (cap_rc == DISCO_SUCCESS && rows > 2147483647) /* kernels index rows with int32 */
+    cap_rc = disco_error(DISCO_ERR_NOT_SUPPORTED, "%s: %lld rows exceed 2^31-1 on rank %d",
+                         fn, (long long)rows, r);
+  /* Payload and metadata in one group. Peers send regardless of our
+   * capacity, so a rank that cannot take its rows still receives them, into
+   * the workspace. (Two pipelined halves measured slower here: 2x H200,
+   * 4096 tokens, +20..40 us.) */
+  CK_CUDA(cudaStreamWaitEvent(stream, st->ev_pack, 0), "cudaStreamWaitEvent");
+  char *dst = rank_major && cap_rc == DISCO_SUCCESS ? (char *)args->recv_x : (char *)p->ws_recv;
+  rc = disco_post_rows(comm, pl, dst, -1, stream, fn);
+  if (rc != DISCO_SUCCESS) goto done;
+  if (cap_rc != DISCO_SUCCESS) {
+    rc = cap_rc;
+    goto done;
+  }
+  /* This rank's own rows, on the side stream while NCCL moves the others. */
+  const int64_t self_n = pl->n_from[r], self_off = pl->recv_off[r];
+  const disco_rowsel_t self = {self_n, self_off, INT64_MAX, 0, -1, 0};
+  const disco_rowsel_t peers = {pl->recv_tokens - self_n, 0, self_off, self_n, -1, 0};
+  CK_CUDA(cudaStreamWaitEvent(st->aux, st->ev_mid, 0), "cudaStreamWaitEvent");
+  if (rank_major) {
+    if (self_n > 0)
+      CK_CUDA(cudaMemcpyAsync((char *)args->recv_x + (size_t)self_off * rb,
+                              (char *)p->ws_send + (size_t)(r * M) * rb, (size_t)self_n * rb,
+                              cudaMemcpyDeviceToDevice, st->aux),
+              "cudaMemcpyAsync(self rows)");
+  } else {
+    CK_CUDA(disco_k_expand_expert(p, dp, args->x, self, args->recv_x, args->recv_src_rank,
+                                  args->recv_src_token, args->recv_expert, args->recv_weight,
+                                  st->aux),
+            "expand kernel (self)");
+  }
+  CK_CUDA(cudaEventRecord(st->ev_aux, st->aux), "cudaEventRecord");
+  tail = st->ev_aux;
+  if (rank_major) {
+    CK_CUDA(disco_k_expand_rank(p, dp, pl->recv_tokens, args->recv_src_rank,
+                                args->recv_src_token, args->recv_expert, args->recv_weight,
+                                stream),
+            "expand kernel");
+  } else {
+    CK_CUDA(disco_k_expand_expert(p, dp, args->x, peers, args->recv_x, args->recv_src_rank,
+                                  args->recv_src_token, args->recv_expert, args->recv_weight,
+                                  stream),
+            "expand kernel (peers)");
+    if (align > 1)
+      CK_CUDA(disco_k_padding(p, dp, args->recv_x, args->recv_src_rank,
+                              args->recv_src_token, args->recv_expert, args->recv_weight,
+                              stream),
+              "padding kernel");
+  }
+  *num_rows = rows;
+  rc = DISCO_SUCCESS;
+done:
+  if (in_group) ncclGroupEnd(); /* after a failed call inside: close it */
+  if (tail != NULL) { /* join the side stream back into the caller's */
+    disco_result_t jr = disco_nccl_cuda(cudaStreamWaitEvent(stream, tail, 0), fn,
+                                        "cudaStreamWaitEvent", r);
+    if (rc == DISCO_SUCCESS) rc = jr;
+  }
+  return rc;
+}
+
+disco_result_t disco_nccl_combine(disco_comm_t *comm, disco_handle_t *handle,
+                                  const disco_combine_args_t *args) {
+  static const char fn[] = "disco_combine";
+  disco_nccl_state_t *st = comm->backend_state;
+  disco_nccl_plan_t *pl = handle->backend_plan;
+  const disco_kparams_t *p = &st->kp;
+  cudaStream_t stream = (cudaStream_t)args->stream;
+  const int r = comm->rank;
+  const int rank_major = handle->layout == DISCO_LAYOUT_RANK_MAJOR;
+  const int wire32 = !rank_major && comm->config.combine_wire == DISCO_COMBINE_WIRE_FP32 &&
+                     comm->config.dtype != DISCO_DTYPE_FP32;
+  const size_t wb = wire32 ? (size_t)comm->config.hidden * 4u : comm->row_bytes;
+  const char *part = rank_major ? (const char *)args->y : (const char *)p->ws_recv;
+  const disco_rowsel_t self = {pl->n_from[r], pl->recv_off[r], INT64_MAX, 0, -1, 0};
+  const int weighted = args->weighted && handle->weighted;
+  disco_result_t rc;
+  int forked = 0;
+
+  CK_CUDA(cudaSetDevice(st->device), "cudaSetDevice");
+  if (rank_major) { /* the caller reduced: y goes back as it is */
+    rc = disco_post_partials(comm, pl, part, wb, -1, stream, fn);
+    if (rc != DISCO_SUCCESS) goto done;
+  } else {
+    /* Pipeline: the first part of the peers' partials, then its transfer
+     * while the side stream reduces the rest and our own rows. Worth a
+     * second NCCL group only where the expert side has several experts per
+     * row to fold (config top_k, the same on every rank, so both ends of a
+     * pair post the same groups). */
+    const int split = comm->config.top_k >= DISCO_SPLIT_MIN_TOPK;
+    const disco_rowsel_t first = split ? disco_chunk_sel(comm, pl, 0)
+                                       : (disco_rowsel_t){pl->recv_tokens - self.n, 0,
+                                                          self.base, self.n, -1, 0};
+    CK_CUDA(disco_k_combine_expert(p, &pl->dev, args->y, first, weighted, wire32, stream),
+            "combine expert kernel (peers)");
+    CK_CUDA(cudaEventRecord(st->ev_mid, stream), "cudaEventRecord");
+    CK_CUDA(cudaStreamWaitEvent(st->aux, st->ev_mid, 0), "cudaStreamWaitEvent");
+    forked = 1;
+    if (split) {
+      CK_CUDA(disco_k_combine_expert(p, &pl->dev, args->y, disco_chunk_sel(comm, pl, 1),
+                                     weighted, wire32, st->aux),
+              "combine expert kernel (second part)");
+      CK_CUDA(cudaEventRecord(st->ev_fork, st->aux), "cudaEventRecord");
+    }
+    CK_CUDA(disco_k_combine_expert(p, &pl->dev, args->y, self, weighted, wire32, st->aux),
+            "combine expert kernel (self)");
+    CK_CUDA(cudaEventRecord(st->ev_aux, st->aux), "cudaEventRecord");
+    rc = disco_post_partials(comm, pl, part, wb, split ? 0 : -1, stream, fn);
+    if (rc != DISCO_SUCCESS) goto done;
+    if (split) {
+      CK_CUDA(cudaStreamWaitEvent(stream, st->ev_fork, 0), "cudaStreamWaitEvent");
+      rc = disco_post_partials(comm, pl, part, wb, 1, stream, fn);
+      if (rc != DISCO_SUCCESS) goto done;
+    }
+    forked = 0;
+    CK_CUDA(cudaStreamWaitEvent(stream, st->ev_aux, 0), "cudaStreamWaitEvent");
+  }
+  CK_CUDA(disco_k_combine_token(p, &pl->dev, part, wire32, handle->num_tokens, args->out,
+                                stream),
+          "combine token kernel");
+done:
+  if (forked) cudaStreamWaitEvent(stream, st->ev_aux, 0); /* error path: still join */
+  return rc;
+}

@@ -1,0 +1,239 @@
+/* Data movement kernels: pack, expand (both layouts), padding, combine.
+ * Rows move as 16-byte vectors, one vector of one row per thread. Arithmetic matches src/core/dtype.h and docs/semantics.md bit for
+ * bit: exact conversions to fp32, __fmul_rn/__fadd_rn (no FMA), fold from the
+ * first term, one rounding at the end. */
+#include "core/dtype.h"
+#include "cuda/kernels.h"
+
+#define DISCO_WARPS 8
+#define DISCO_THREADS (32 * DISCO_WARPS)
+
+__device__ __forceinline__ uint4 disco_ldg(const uint4 *p) { return __ldg(p); }
+
+static int disco_grid(const disco_kparams_t *p, int64_t warps) {
+  int64_t b = (warps + DISCO_WARPS - 1) / DISCO_WARPS;
+  if (b > p->max_blocks) b = p->max_blocks;
+  return (int)(b < 1 ? 1 : b);
+}
+
+/* Launch shape of the row kernels: x covers a row's 16-byte vectors, y walks
+ * rows (grid-stride), so even a few rows spread over many SMs. */
+static void disco_shape(const disco_kparams_t *p, long long rows, dim3 *grid, dim3 *block) {
+  int nv = p->row_vecs;
+  int bx = nv >= 128 ? 128 : (nv + 31) / 32 * 32;
+  long long gy = rows < 65535 ? rows : 65535;
+  *block = dim3((unsigned)bx, 1, 1);
+  *grid = dim3((unsigned)((nv + bx - 1) / bx), (unsigned)(gy < 1 ? 1 : gy), 1);
+}
+
+#include "cuda/rowsel.cuh"
+
+/* ---- pack ------------------------------------------------------------------ */
+__global__ void __launch_bounds__(128)
+disco_pack_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *x, const float *w,
+                  int T, int rank_major) {
+  /* Own ids rejected: slot data is garbage, write nothing. */
+  if (pl.msg[((long long)p.world + p.rank) * p.msg_len + DISCO_MSG_CODE] != 0) return;
+  const int lane = threadIdx.x & 31, K = p.top_k, L = p.num_local, E = p.num_experts;
+  const int nc = p.num_cols, C = 32 * p.layout_warps, nv = p.row_vecs, mi = p.meta_ints;
+  const long long M = p.max_tokens;
+  const int v = blockIdx.x * blockDim.x + threadIdx.x;
+  for (int t = blockIdx.y; t < T; t += gridDim.y) {
+    const int *bb = pl.blk_base + (long long)(t / C) * nc;
+    const int *dest = pl.tok_dest + (long long)t * p.kd;
+    const int *dpos = pl.tok_dpos + (long long)t * p.kd;
+    if (blockIdx.x == 0 && threadIdx.x < 32) {
+      /* Metadata: [src_token, n_local, then (j | l << 8, pos, weight) per
+       * local slot in slot order]. */
+      for (int k = 0; k < p.kd; k++) {
+        const int d = dest[k];
+        if (d < 0) break;
+        const int row = bb[E + d] + dpos[k];
+        int *meta = p.send_meta + ((long long)d * M + row) * mi;
+        int n = 0;
+        for (int jb = 0; jb < K; jb += 32) {
+          int j = jb + lane;
+          int e = j < K ? pl.slot[(long long)t * K + j] : -1;
+          int mine = e >= 0 && e / L == d;
+          unsigned bal = __ballot_sync(0xffffffffu, mine);
+          if (mine) {
+            int i = n + __popc(bal & ((1u << lane) - 1u));
+            meta[2 + 3 * i] = j | ((e - d * L) << 8);
+            meta[3 + 3 * i] = bb[e] + pl.slot_pos[(long long)t * K + j];
+            meta[4 + 3 * i] = __float_as_int(w ? w[(long long)t * K + j] : 1.0f);
+          }
+          n += __popc(bal);
+        }
+        if (lane == 0) {
+          meta[0] = t;
+          meta[1] = n;
+          pl.tok_row[(long long)t * p.kd + k] = row;
+        }
+      }
+    }
+    if (v < nv) {
+      const uint4 val = disco_ldg(x + (long long)t * nv + v);
+      for (int k = 0; k < p.kd; k++) {
+        const int d = dest[k];
+        if (d < 0) break;
+        if (d == p.rank && !rank_major) continue; /* expand reads x */
+        const long long row = bb[E + d] + dpos[k];
+        ((uint4 *)p.ws_send)[((long long)d * M + row) * nv + v] = val;
+      }
+    }
+  }
+}
+
+extern "C" cudaError_t disco_k_pack(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                                    const void *x, const float *weights, int64_t num_tokens,
+                                    int rank_major, cudaStream_t stream) {
+  if (num_tokens <= 0) return cudaSuccess;
+  dim3 grid, block;
+  disco_shape(p, num_tokens, &grid, &block);
+  disco_pack_kernel<<<grid, block, 0, stream>>>(*p, *pl, (const uint4 *)x, weights,
+                                                (int)num_tokens, rank_major);
+  return cudaGetLastError();
+}
+
+/* Source rank of received token i (recv_off ascending). */
+__device__ __forceinline__ int disco_source(const disco_dev_plan_t *pl, int W, long long i) {
+  int lo = 0, hi = W - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if (pl->recv_off[mid] <= i)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+/* Metadata row of received token i; self rows are read where pack wrote them. */
+__device__ __forceinline__ const int *disco_meta(const disco_kparams_t *p,
+                                                 const disco_dev_plan_t *pl, int s,
+                                                 long long i) {
+  if (s == p->rank)
+    return p->send_meta + ((long long)s * p->max_tokens + (i - pl->recv_off[s])) * p->meta_ints;
+  return p->recv_meta + i * p->meta_ints;
+}
+
+/* ---- expand, EXPERT_MAJOR ---------------------------------------------------- */
+__global__ void __launch_bounds__(128)
+disco_expand_expert_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *x,
+                           disco_rowsel_t sel, uint4 *recv_x, int *src_rank, int *src_token,
+                           int *expert, float *weight) {
+  const int lane = threadIdx.x & 31, K = p.top_k, L = p.num_local, nv = p.row_vecs;
+  const int v = blockIdx.x * blockDim.x + threadIdx.x;
+  for (long long j = blockIdx.y; j < sel.n; j += gridDim.y) {
+    const long long i = disco_sel(sel, pl.recv_off, p.world, p.rank, j);
+    const int s = disco_source(&pl, p.world, i);
+    const int *meta = disco_meta(&p, &pl, s, i);
+    const int t = meta[0], n = meta[1];
+    const int64_t *sb = pl.srcbase + (long long)s * L;
+    if (blockIdx.x == 0 && threadIdx.x < 32) {
+      for (int q = lane; q < n; q += 32) {
+        int l = meta[2 + 3 * q] >> 8;
+        float wt = __int_as_float(meta[4 + 3 * q]);
+        long long row = sb[l] + meta[3 + 3 * q];
+        int rk = 0; /* rank by local expert: combine folds experts ascending */
+        for (int o = 0; o < n; o++) rk += (meta[2 + 3 * o] >> 8) < l;
+        pl.comb_rows[i * K + rk] = (int)row;
+        pl.comb_w[i * K + rk] = wt;
+        if (src_rank) src_rank[row] = s;
+        if (src_token) src_token[row] = t;
+        if (expert) expert[row] = p.rank * L + l;
+        if (weight) weight[row] = wt;
+      }
+      if (lane == 0 && n < K) pl.comb_rows[i * K + n] = -1;
+    }
+    if (v < nv) {
+      const uint4 val = disco_ldg(s == p.rank ? x + (long long)t * nv + v
+                                              : (const uint4 *)p.ws_recv + i * nv + v);
+      for (int q = 0; q < n; q++)
+        recv_x[(sb[meta[2 + 3 * q] >> 8] + meta[3 + 3 * q]) * nv + v] = val;
+    }
+  }
+}
+
+extern "C" cudaError_t disco_k_expand_expert(const disco_kparams_t *p,
+                                             const disco_dev_plan_t *pl, const void *x,
+                                             disco_rowsel_t sel, void *recv_x,
+                                             int32_t *src_rank, int32_t *src_token,
+                                             int32_t *expert, float *weight,
+                                             cudaStream_t stream) {
+  if (sel.n <= 0) return cudaSuccess;
+  dim3 grid, block;
+  disco_shape(p, sel.n, &grid, &block);
+  disco_expand_expert_kernel<<<grid, block, 0, stream>>>(
+      *p, *pl, (const uint4 *)x, sel, (uint4 *)recv_x, src_rank, src_token, expert, weight);
+  return cudaGetLastError();
+}
+
+/* Padding rows of EXPERT_MAJOR groups: zero data, metadata -1 / 0.0. One block
+ * per local expert. */
+__global__ void __launch_bounds__(DISCO_THREADS)
+disco_padding_kernel(disco_kparams_t p, disco_dev_plan_t pl, uint4 *recv_x, int *src_rank,
+                     int *src_token, int *expert, float *weight) {
+  const int l = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long long first = pl.exp_off[l] + pl.exp_total[l], end = pl.exp_off[l + 1];
+  const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+  for (long long row = first + warp; row < end; row += DISCO_WARPS) {
+    for (int v = lane; v < p.row_vecs; v += 32) recv_x[row * p.row_vecs + v] = z;
+    if (lane == 0) {
+      if (src_rank) src_rank[row] = -1;
+      if (src_token) src_token[row] = -1;
+      if (expert) expert[row] = -1;
+      if (weight) weight[row] = 0.0f;
+    }
+  }
+}
+
+extern "C" cudaError_t disco_k_padding(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                                       void *recv_x, int32_t *src_rank, int32_t *src_token,
+                                       int32_t *expert, float *weight, cudaStream_t stream) {
+  if (p->num_local <= 0) return cudaSuccess;
+  disco_padding_kernel<<<p->num_local, DISCO_THREADS, 0, stream>>>(
+      *p, *pl, (uint4 *)recv_x, src_rank, src_token, expert, weight);
+  return cudaGetLastError();
+}
+
+/* ---- expand, RANK_MAJOR (data already in recv_x: metadata only) ---------------- */
+__global__ void disco_expand_rank_kernel(disco_kparams_t p, disco_dev_plan_t pl, long long R,
+                                         int *src_rank, int *src_token, int *expert,
+                                         float *weight) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, K = p.top_k;
+  for (long long i = blockIdx.x * DISCO_WARPS + warp; i < R;
+       i += (long long)gridDim.x * DISCO_WARPS) {
+    const int s = disco_source(&pl, p.world, i);
+    const int *meta = disco_meta(&p, &pl, s, i);
+    const int n = meta[1];
+    if (lane == 0) {
+      if (src_rank) src_rank[i] = s;
+      if (src_token) src_token[i] = meta[0];
+    }
+    for (int j = lane; j < K; j += 32) {
+      int l = -1;
+      float wt = 0.0f;
+      for (int q = 0; q < n; q++) {
+        int jl = meta[2 + 3 * q];
+        if ((jl & 255) == j) {
+          l = jl >> 8;
+          wt = __int_as_float(meta[4 + 3 * q]);
+        }
+      }
+      if (expert) expert[i * K + j] = l;
+      if (weight) weight[i * K + j] = wt;
+    }
+  }
+}
+
+extern "C" cudaError_t disco_k_expand_rank(const disco_kparams_t *p,
+                                           const disco_dev_plan_t *pl, int64_t recv_tokens,
+                                           int32_t *src_rank, int32_t *src_token,
+                                           int32_t *expert, float *weight,
+                                           cudaStream_t stream) {
+  if (recv_tokens <= 0) return cudaSuccess;
+  disco_expand_rank_kernel<<<disco_grid(p, recv_tokens), DISCO_THREADS, 0, stream>>>(
+      *p, *pl, (long long)recv_tokens, src_rank, src_token, expert, weight);
+  return cudaGetLastError();
+}

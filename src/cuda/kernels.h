@@ -1,0 +1,149 @@
+/* Internal: the CUDA kernels of the NCCL backend, as extern "C" launchers.
+ *
+ * Every launcher enqueues on `stream` and returns the launch's cudaError_t.
+ * The structs are plain C and passed to kernels by value.
+ *
+ * Dispatch data flow on rank r (W ranks, M = max_tokens, C tokens per layout
+ * block):
+ *   layout    per token: validate ids, dedupe destination ranks, per-block
+ *             counts and stable in-block positions per expert and per rank
+ *   finalize  scan block counts, first validation error -> status, count
+ *             messages for every peer (own one copied to the receive side)
+ *   (NCCL: count messages exchanged)
+ *   recv_plan receive offsets per source, per expert group offsets, user counts
+ *   pack      one row per (token, destination) into that peer's send segment
+ *             plus a metadata row (EXPERT_MAJOR self rows are not copied:
+ *             expand reads them from x); runs on the comm's side stream,
+ *             alongside the count exchange
+ *   (NCCL: payload + metadata)
+ *   expand    received rows into the caller's layout, with metadata and the
+ *             per-row lists combine's expert side needs
+ */
+#ifndef DISCO_CUDA_KERNELS_H_
+#define DISCO_CUDA_KERNELS_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cuda_runtime.h>
+
+#include "disco.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Count message sent to every peer: int64 fields. */
+enum {
+  DISCO_MSG_CODE = 0,   /* disco_result_t of the sender's device validation */
+  DISCO_MSG_ROW = 1,    /* offending token */
+  DISCO_MSG_SLOT = 2,   /* offending slot */
+  DISCO_MSG_VALUE = 3,  /* offending id */
+  DISCO_MSG_PREV = 4,   /* earlier slot holding the same id (duplicates) */
+  DISCO_MSG_TOKENS = 5, /* tokens sent to the receiver */
+  DISCO_MSG_COUNTS = 6  /* then one count per receiver's local expert */
+};
+
+/* Sizes and the comm's scratch buffers. */
+typedef struct disco_kparams {
+  int rank, world, num_experts, num_local, top_k;
+  int kd;            /* min(K, W): most destinations of one token */
+  int num_cols;      /* E + W columns of the layout counters */
+  int layout_warps;  /* warps (of 32 tokens) per layout block */
+  int max_blocks;    /* grid cap of grid-stride kernels */
+  int dtype;         /* disco_dtype_t */
+  int row_vecs;      /* 16-byte vectors per row of the config dtype */
+  int meta_ints;     /* int32 per metadata row */
+  int msg_len;       /* int64 per count message */
+  int64_t max_tokens;
+  size_t row_bytes;
+  int32_t *blk_cnt;            /* [B_max, num_cols] */
+  unsigned long long *err_key; /* first bad flat slot index, ~0 if none */
+  void *ws_send;               /* [W, M] rows (dispatch send, combine receive) */
+  void *ws_recv;               /* [W*M] rows (dispatch receive, combine partials) */
+  int32_t *send_meta;          /* [W, M, meta_ints] */
+  int32_t *recv_meta;          /* [W*M, meta_ints] */
+} disco_kparams_t;
+
+/* A selection of received-token rows. chunk < 0: row j of the launch is
+ * received token base + j, skipping gap_len rows at j >= gap_at (the self
+ * segment). chunk 0 / 1: the first / second part of every peer's segment,
+ * peers ascending: the parts that combine's two pipelined NCCL groups carry. A
+ * segment of n rows is halved (n / 2, then the rest) when n >= split, else
+ * chunk 0 carries all of it (small transfers are not worth a second group). */
+typedef struct disco_rowsel {
+  long long n, base, gap_at, gap_len;
+  int chunk;
+  long long split;
+} disco_rowsel_t;
+
+/* Combine (EXPERT_MAJOR): bytes of rows from which a peer segment's partials
+ * are sent in two pipelined halves, and the least top_k that does it. */
+#define DISCO_SPLIT_BYTES (4ll << 20)
+#define DISCO_SPLIT_MIN_TOPK 4
+
+/* One handle's device plan. */
+typedef struct disco_dev_plan {
+  int32_t *slot;      /* [M, K] expert id of each slot, -1 unused */
+  int32_t *slot_pos;  /* [M, K] position among the block's tokens with that expert */
+  int32_t *tok_dest;  /* [M, kd] destination ranks ascending, -1 after the last */
+  int32_t *tok_dpos;  /* [M, kd] position among the block's tokens sent there */
+  int32_t *tok_row;   /* [M, kd] row in the destination's segment (pack) */
+  int32_t *blk_base;  /* [B_max, num_cols] exclusive scan of block counts */
+  int64_t *msg;       /* [2, W, msg_len]: messages sent, then received */
+  int64_t *recv_off;  /* [W + 1] received tokens before each source */
+  int64_t *exp_off;   /* [E_loc + 1] first row of each expert group */
+  int64_t *exp_total; /* [E_loc] rows of each group without padding */
+  int64_t *srcbase;   /* [W, E_loc] first row of (source, expert) in recv_x */
+  int64_t *num_rows;  /* [1] */
+  int32_t *ok;        /* [1] every rank's status is success */
+  int32_t *comb_rows; /* [W*M, K] recv_x rows of a received token, experts
+                         ascending, -1 after the last */
+  float *comb_w;      /* [W*M, K] their weights */
+} disco_dev_plan_t;
+
+cudaError_t disco_k_layout(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                           const void *topk_idx, int idx64, int64_t num_tokens,
+                           cudaStream_t stream);
+cudaError_t disco_k_finalize(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                             const void *topk_idx, int idx64, int64_t num_tokens,
+                             cudaStream_t stream);
+/* User count outputs may be NULL; they are written only when every rank's
+ * status is success and this rank's rows fit `capacity`. */
+cudaError_t disco_k_recv_plan(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                              int layout, int alignment, int32_t *n_to, int32_t *n_from,
+                              int32_t *tokens_per_expert, int64_t *num_recv_rows,
+                              int64_t capacity, cudaStream_t stream);
+/* Rows for peers (and, RANK_MAJOR, for this rank) into p->ws_send segment d;
+ * does nothing if this rank's own ids were rejected (its plan is garbage). */
+cudaError_t disco_k_pack(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                         const void *x, const float *weights, int64_t num_tokens,
+                         int rank_major, cudaStream_t stream);
+cudaError_t disco_k_expand_expert(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                                  const void *x, disco_rowsel_t sel, void *recv_x,
+                                  int32_t *src_rank, int32_t *src_token,
+                                  int32_t *expert, float *weight, cudaStream_t stream);
+cudaError_t disco_k_padding(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                            void *recv_x, int32_t *src_rank, int32_t *src_token,
+                            int32_t *expert, float *weight, cudaStream_t stream);
+cudaError_t disco_k_expand_rank(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                                int64_t recv_tokens, int32_t *src_rank,
+                                int32_t *src_token, int32_t *expert, float *weight,
+                                cudaStream_t stream);
+/* Expert side of an EXPERT_MAJOR combine: partials [recv_tokens, H] of
+ * wire_fp32 ? fp32 : dtype into p->ws_recv. */
+cudaError_t disco_k_combine_expert(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                                   const void *y, disco_rowsel_t sel, int weighted,
+                                   int wire_fp32, cudaStream_t stream);
+/* Token side: out[t] = fold over destinations of the partials; the self
+ * partials come from `self_part` (row recv_off[rank] + row), the others from
+ * p->ws_send segment d. */
+cudaError_t disco_k_combine_token(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                                  const void *self_part, int wire_fp32,
+                                  int64_t num_tokens, void *out, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DISCO_CUDA_KERNELS_H_ */

@@ -1,0 +1,225 @@
+/* Routing layout on the device: validation, per-rank and per-expert counts,
+ * stable positions in token order, count messages and the receive plan.
+ *
+ * Determinism without sorting: inside a warp (32 consecutive tokens) each
+ * token sets its lane bit in a shared bitmask per expert and per destination
+ * rank (atomicOr commutes, so the result does not depend on timing); a
+ * token's position among the warp's tokens with that column is the popcount
+ * of the lower lanes. Warps of a block are scanned per column, blocks by the
+ * single-block finalize kernel. */
+#include "cuda/kernels.h"
+
+#define DISCO_LAYOUT_THREADS_MAX 256
+#define DISCO_SMALL_THREADS 512
+
+__device__ __forceinline__ long long disco_id(const void *idx, int idx64, long long i) {
+  return idx64 ? ((const long long *)idx)[i] : (long long)((const int *)idx)[i];
+}
+
+__global__ void disco_layout_kernel(disco_kparams_t p, disco_dev_plan_t pl,
+                                    const void *idx, int idx64, int T) {
+  extern __shared__ unsigned smem[];
+  const int nw = blockDim.x >> 5, nc = p.num_cols, K = p.top_k, E = p.num_experts;
+  unsigned *mask = smem;           /* [nw, nc] lane bits */
+  unsigned *base = smem + nw * nc; /* [nw, nc] tokens in earlier warps */
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const unsigned bit = 1u << lane;
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  for (int i = threadIdx.x; i < nw * nc; i += blockDim.x) mask[i] = 0u;
+  __syncthreads();
+  if (t < T) {
+    const long long row = (long long)t * K;
+    for (int j = 0; j < K; j++) {
+      long long v = disco_id(idx, idx64, row + j);
+      int bad = v < -1 || v >= E;
+      if (!bad && v >= 0)
+        for (int i = 0; i < j; i++)
+          if (disco_id(idx, idx64, row + i) == v) bad = 1;
+      int e = -1;
+      if (bad) {
+        atomicMin(p.err_key, (unsigned long long)(row + j));
+      } else if (v >= 0) {
+        e = (int)v;
+        atomicOr(&mask[warp * nc + e], bit);
+        atomicOr(&mask[warp * nc + E + e / p.num_local], bit);
+      }
+      pl.slot[row + j] = e;
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < nc; c += blockDim.x) {
+    unsigned acc = 0;
+    for (int w = 0; w < nw; w++) {
+      base[w * nc + c] = acc;
+      acc += __popc(mask[w * nc + c]);
+    }
+    p.blk_cnt[(long long)blockIdx.x * nc + c] = (int)acc;
+  }
+  __syncthreads();
+  if (t >= T) return;
+  const unsigned lt = bit - 1u;
+  const unsigned *m = mask + warp * nc, *b = base + warp * nc;
+  const long long row = (long long)t * K;
+  for (int j = 0; j < K; j++) {
+    int e = pl.slot[row + j];
+    pl.slot_pos[row + j] = e < 0 ? -1 : (int)(b[e] + __popc(m[e] & lt));
+  }
+  /* Destinations ascending and deduplicated: walk the rank columns. */
+  int nd = 0;
+  const long long drow = (long long)t * p.kd;
+  for (int d = 0; d < p.world && nd < p.kd; d++) {
+    unsigned md = m[E + d];
+    if (md & bit) {
+      pl.tok_dest[drow + nd] = d;
+      pl.tok_dpos[drow + nd] = (int)(b[E + d] + __popc(md & lt));
+      nd++;
+    }
+  }
+  for (; nd < p.kd; nd++) pl.tok_dest[drow + nd] = -1;
+}
+
+extern "C" cudaError_t disco_k_layout(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                                      const void *topk_idx, int idx64, int64_t num_tokens,
+                                      cudaStream_t stream) {
+  if (num_tokens <= 0) return cudaSuccess;
+  int threads = 32 * p->layout_warps;
+  int blocks = (int)((num_tokens + threads - 1) / threads);
+  size_t smem = 2u * (size_t)p->layout_warps * (size_t)p->num_cols * sizeof(unsigned);
+  disco_layout_kernel<<<blocks, threads, smem, stream>>>(*p, *pl, topk_idx, idx64,
+                                                         (int)num_tokens);
+  return cudaGetLastError();
+}
+
+/* One block: block scan per column, status, count messages. */
+__global__ void disco_finalize_kernel(disco_kparams_t p, disco_dev_plan_t pl,
+                                      const void *idx, int idx64, int nblk) {
+  extern __shared__ long long tot[]; /* [nc] then status[5] */
+  const int nc = p.num_cols, E = p.num_experts, K = p.top_k;
+  long long *st = tot + nc;
+  for (int c = threadIdx.x; c < nc; c += blockDim.x) {
+    int acc = 0;
+    for (int b = 0; b < nblk; b++) {
+      int n = p.blk_cnt[(long long)b * nc + c];
+      pl.blk_base[(long long)b * nc + c] = acc;
+      acc += n;
+    }
+    tot[c] = acc;
+  }
+  if (threadIdx.x == 0) {
+    unsigned long long key = *p.err_key;
+    st[0] = st[1] = st[2] = st[3] = st[4] = 0;
+    if (key != ~0ull) {
+      long long t = (long long)(key / (unsigned long long)K);
+      int j = (int)(key % (unsigned long long)K);
+      long long v = disco_id(idx, idx64, (long long)key);
+      st[0] = DISCO_ERR_EXPERT_OUT_OF_RANGE;
+      if (v >= -1 && v < E) {
+        st[0] = DISCO_ERR_DUPLICATE_EXPERT;
+        for (int i = j - 1; i >= 0; i--)
+          if (disco_id(idx, idx64, t * K + i) == v) st[4] = i;
+      }
+      st[1] = t;
+      st[2] = j;
+      st[3] = v;
+      *p.err_key = ~0ull; /* ready for the next dispatch */
+    }
+  }
+  __syncthreads();
+  const int ml = p.msg_len;
+  int64_t *send = pl.msg, *recv = pl.msg + (long long)p.world * ml;
+  for (int i = threadIdx.x; i < p.world * ml; i += blockDim.x) {
+    int d = i / ml, f = i % ml;
+    long long v;
+    if (f < DISCO_MSG_TOKENS)
+      v = st[f];
+    else if (f == DISCO_MSG_TOKENS)
+      v = tot[E + d];
+    else
+      v = tot[d * p.num_local + (f - DISCO_MSG_COUNTS)];
+    send[i] = v;
+    if (d == p.rank) recv[i] = v; /* self: no transport */
+  }
+}
+
+extern "C" cudaError_t disco_k_finalize(const disco_kparams_t *p,
+                                        const disco_dev_plan_t *pl, const void *topk_idx,
+                                        int idx64, int64_t num_tokens,
+                                        cudaStream_t stream) {
+  int tpb = 32 * p->layout_warps;
+  int nblk = (int)((num_tokens + tpb - 1) / tpb);
+  size_t smem = ((size_t)p->num_cols + 5) * sizeof(long long);
+  disco_finalize_kernel<<<1, DISCO_SMALL_THREADS, smem, stream>>>(*p, *pl, topk_idx,
+                                                                  idx64, nblk);
+  return cudaGetLastError();
+}
+
+/* One block: receive offsets and expert groups from the received messages. */
+__global__ void disco_recv_plan_kernel(disco_kparams_t p, disco_dev_plan_t pl, int layout,
+                                       int align, int32_t *n_to, int32_t *n_from,
+                                       int32_t *tpe, int64_t *num_rows_out, long long cap) {
+  const int W = p.world, L = p.num_local, ml = p.msg_len;
+  const int64_t *send = pl.msg, *recv = pl.msg + (long long)W * ml;
+  const int expert_major = layout == DISCO_LAYOUT_EXPERT_MAJOR;
+  __shared__ int ok;
+  __shared__ long long rows;
+  if (threadIdx.x == 0) ok = 1;
+  __syncthreads();
+  for (int s = threadIdx.x; s < W; s += blockDim.x)
+    if (recv[(long long)s * ml + DISCO_MSG_CODE] != 0) ok = 0;
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    long long acc = 0;
+    for (int s = 0; s < W; s++) {
+      pl.srcbase[(long long)s * L + l] = acc; /* group start added below */
+      acc += recv[(long long)s * ml + DISCO_MSG_COUNTS + l];
+    }
+    pl.exp_total[l] = acc;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    long long off = 0;
+    for (int s = 0; s < W; s++) {
+      pl.recv_off[s] = off;
+      off += recv[(long long)s * ml + DISCO_MSG_TOKENS];
+    }
+    pl.recv_off[W] = off;
+    rows = off;
+    if (expert_major) {
+      long long e = 0;
+      for (int l = 0; l < L; l++) {
+        pl.exp_off[l] = e;
+        long long n = pl.exp_total[l];
+        if (align > 1) n = (n + align - 1) / align * align;
+        e += n;
+      }
+      pl.exp_off[L] = e;
+      rows = e;
+    }
+    *pl.num_rows = rows;
+    *pl.ok = ok;
+  }
+  __syncthreads();
+  const int out = ok && rows <= cap; /* nothing reaches the caller on failure */
+  if (out && threadIdx.x == 0 && num_rows_out) *num_rows_out = rows;
+  for (int s = threadIdx.x; out && s < W; s += blockDim.x) {
+    if (n_to) n_to[s] = (int32_t)send[(long long)s * ml + DISCO_MSG_TOKENS];
+    if (n_from) n_from[s] = (int32_t)recv[(long long)s * ml + DISCO_MSG_TOKENS];
+  }
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    long long start = expert_major ? pl.exp_off[l] : 0;
+    for (int s = 0; s < W; s++) pl.srcbase[(long long)s * L + l] += start;
+    if (tpe && out)
+      tpe[l] = (int32_t)(expert_major ? pl.exp_off[l + 1] - pl.exp_off[l] : pl.exp_total[l]);
+  }
+}
+
+extern "C" cudaError_t disco_k_recv_plan(const disco_kparams_t *p,
+                                         const disco_dev_plan_t *pl, int layout,
+                                         int alignment, int32_t *n_to, int32_t *n_from,
+                                         int32_t *tokens_per_expert,
+                                         int64_t *num_recv_rows, int64_t capacity,
+                                         cudaStream_t stream) {
+  disco_recv_plan_kernel<<<1, DISCO_SMALL_THREADS, 0, stream>>>(
+      *p, *pl, layout, alignment, n_to, n_from, tokens_per_expert, num_recv_rows,
+      (long long)capacity);
+  return cudaGetLastError();
+}
