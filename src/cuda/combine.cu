@@ -6,7 +6,6 @@
 #include "cuda/kernels.h"
 #include "cuda/rowsel.cuh"
 
-
 /* 16 bytes of `dtype` -> floats (exact). Unused tail of f stays untouched. */
 __device__ __forceinline__ void disco_unpack(uint4 u, int dtype, float *f) {
   unsigned w[4] = {u.x, u.y, u.z, u.w};
@@ -48,8 +47,8 @@ __device__ __forceinline__ uint4 disco_pack(const float *f, int dtype) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-__device__ __forceinline__ void disco_store_part(uint4 *row, long long v, int wire32, int nq,
-                                                 int dtype, const float *f) {
+__device__ __forceinline__ void disco_store_part(uint4 *row, long long v, int wire32,
+                                                 int nq, int dtype, const float *f) {
   if (wire32) {
     row[v * nq] = make_uint4(__float_as_uint(f[0]), __float_as_uint(f[1]),
                              __float_as_uint(f[2]), __float_as_uint(f[3]));
@@ -62,7 +61,8 @@ __device__ __forceinline__ void disco_store_part(uint4 *row, long long v, int wi
 }
 
 /* Launch shape: x covers a row's vectors, y walks rows (grid-stride). */
-static void disco_shape(const disco_kparams_t *p, long long rows, dim3 *grid, dim3 *block) {
+static void disco_shape(const disco_kparams_t *p, long long rows, dim3 *grid,
+                        dim3 *block) {
   int nv = p->row_vecs;
   int bx = nv >= 128 ? 128 : (nv + 31) / 32 * 32;
   long long gy = rows < 65535 ? rows : 65535;
@@ -73,8 +73,8 @@ static void disco_shape(const disco_kparams_t *p, long long rows, dim3 *grid, di
 #define DISCO_BATCH 4 /* loads in flight per thread */
 
 __global__ void __launch_bounds__(128)
-disco_combine_expert_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *y,
-                            disco_rowsel_t sel, int weighted, int wire32) {
+    disco_combine_expert_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *y,
+                                disco_rowsel_t sel, int weighted, int wire32) {
   const int K = p.top_k, nv = p.row_vecs, V = p.dtype == DISCO_DTYPE_FP32 ? 4 : 8;
   const int nq = V / 4, out_vecs = wire32 ? nv * nq : nv;
   const int v = blockIdx.x * blockDim.x + threadIdx.x;
@@ -115,13 +115,14 @@ extern "C" cudaError_t disco_k_combine_expert(const disco_kparams_t *p,
   dim3 grid, block;
   disco_shape(p, sel.n, &grid, &block);
   disco_combine_expert_kernel<<<grid, block, 0, stream>>>(
-      *p, *pl, (const uint4 *)y, sel, weighted, wire_fp32 && p->dtype != DISCO_DTYPE_FP32);
+      *p, *pl, (const uint4 *)y, sel, weighted,
+      wire_fp32 && p->dtype != DISCO_DTYPE_FP32);
   return cudaGetLastError();
 }
 
 __global__ void __launch_bounds__(128)
-disco_combine_token_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *self_part,
-                           int wire32, int T, uint4 *out) {
+    disco_combine_token_kernel(disco_kparams_t p, disco_dev_plan_t pl,
+                               const uint4 *self_part, int wire32, int T, uint4 *out) {
   const int kd = p.kd, nv = p.row_vecs, V = p.dtype == DISCO_DTYPE_FP32 ? 4 : 8;
   const int nq = V / 4, part_vecs = wire32 ? nv * nq : nv;
   const long long M = p.max_tokens, self_off = pl.recv_off[p.rank];
@@ -141,9 +142,10 @@ disco_combine_token_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *
       for (int u = 0; u < DISCO_BATCH; u++) {
         if (k0 + u >= n) break;
         const int d = dest[k0 + u];
-        const uint4 *row =
-            d == p.rank ? self_part + (self_off + trow[k0 + u]) * part_vecs
-                        : (const uint4 *)p.ws_send + ((long long)d * M + trow[k0 + u]) * part_vecs;
+        const uint4 *row = d == p.rank
+                               ? self_part + (self_off + trow[k0 + u]) * part_vecs
+                               : (const uint4 *)p.ws_send +
+                                     ((long long)d * M + trow[k0 + u]) * part_vecs;
         if (wire32) {
           a[u] = __ldg(row + (long long)v * nq);
           if (nq == 2) b[u] = __ldg(row + (long long)v * 2 + 1);

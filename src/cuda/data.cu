@@ -1,14 +1,16 @@
 /* Data movement kernels: pack, expand (both layouts), padding, combine.
- * Rows move as 16-byte vectors, one vector of one row per thread. Arithmetic matches src/core/dtype.h and docs/semantics.md bit for
- * bit: exact conversions to fp32, __fmul_rn/__fadd_rn (no FMA), fold from the
- * first term, one rounding at the end. */
+ * Rows move as 16-byte vectors, one vector of one row per thread. Arithmetic matches
+ * src/core/dtype.h and docs/semantics.md bit for bit: exact conversions to fp32,
+ * __fmul_rn/__fadd_rn (no FMA), fold from the first term, one rounding at the end. */
 #include "core/dtype.h"
 #include "cuda/kernels.h"
 
 #define DISCO_WARPS 8
 #define DISCO_THREADS (32 * DISCO_WARPS)
 
-__device__ __forceinline__ uint4 disco_ldg(const uint4 *p) { return __ldg(p); }
+__device__ __forceinline__ uint4 disco_ldg(const uint4 *p) {
+  return __ldg(p);
+}
 
 static int disco_grid(const disco_kparams_t *p, int64_t warps) {
   int64_t b = (warps + DISCO_WARPS - 1) / DISCO_WARPS;
@@ -18,7 +20,8 @@ static int disco_grid(const disco_kparams_t *p, int64_t warps) {
 
 /* Launch shape of the row kernels: x covers a row's 16-byte vectors, y walks
  * rows (grid-stride), so even a few rows spread over many SMs. */
-static void disco_shape(const disco_kparams_t *p, long long rows, dim3 *grid, dim3 *block) {
+static void disco_shape(const disco_kparams_t *p, long long rows, dim3 *grid,
+                        dim3 *block) {
   int nv = p->row_vecs;
   int bx = nv >= 128 ? 128 : (nv + 31) / 32 * 32;
   long long gy = rows < 65535 ? rows : 65535;
@@ -30,8 +33,8 @@ static void disco_shape(const disco_kparams_t *p, long long rows, dim3 *grid, di
 
 /* ---- pack ------------------------------------------------------------------ */
 __global__ void __launch_bounds__(128)
-disco_pack_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *x, const float *w,
-                  int T, int rank_major) {
+    disco_pack_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *x,
+                      const float *w, int T, int rank_major) {
   /* Own ids rejected: slot data is garbage, write nothing. */
   if (pl.msg[((long long)p.world + p.rank) * p.msg_len + DISCO_MSG_CODE] != 0) return;
   const int lane = threadIdx.x & 31, K = p.top_k, L = p.num_local, E = p.num_experts;
@@ -85,8 +88,9 @@ disco_pack_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *x, const 
 }
 
 extern "C" cudaError_t disco_k_pack(const disco_kparams_t *p, const disco_dev_plan_t *pl,
-                                    const void *x, const float *weights, int64_t num_tokens,
-                                    int rank_major, cudaStream_t stream) {
+                                    const void *x, const float *weights,
+                                    int64_t num_tokens, int rank_major,
+                                    cudaStream_t stream) {
   if (num_tokens <= 0) return cudaSuccess;
   dim3 grid, block;
   disco_shape(p, num_tokens, &grid, &block);
@@ -96,7 +100,8 @@ extern "C" cudaError_t disco_k_pack(const disco_kparams_t *p, const disco_dev_pl
 }
 
 /* Source rank of received token i (recv_off ascending). */
-__device__ __forceinline__ int disco_source(const disco_dev_plan_t *pl, int W, long long i) {
+__device__ __forceinline__ int disco_source(const disco_dev_plan_t *pl, int W,
+                                            long long i) {
   int lo = 0, hi = W - 1;
   while (lo < hi) {
     int mid = (lo + hi + 1) >> 1;
@@ -113,15 +118,16 @@ __device__ __forceinline__ const int *disco_meta(const disco_kparams_t *p,
                                                  const disco_dev_plan_t *pl, int s,
                                                  long long i) {
   if (s == p->rank)
-    return p->send_meta + ((long long)s * p->max_tokens + (i - pl->recv_off[s])) * p->meta_ints;
+    return p->send_meta +
+           ((long long)s * p->max_tokens + (i - pl->recv_off[s])) * p->meta_ints;
   return p->recv_meta + i * p->meta_ints;
 }
 
 /* ---- expand, EXPERT_MAJOR ---------------------------------------------------- */
 __global__ void __launch_bounds__(128)
-disco_expand_expert_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *x,
-                           disco_rowsel_t sel, uint4 *recv_x, int *src_rank, int *src_token,
-                           int *expert, float *weight) {
+    disco_expand_expert_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *x,
+                               disco_rowsel_t sel, uint4 *recv_x, int *src_rank,
+                               int *src_token, int *expert, float *weight) {
   const int lane = threadIdx.x & 31, K = p.top_k, L = p.num_local, nv = p.row_vecs;
   const int v = blockIdx.x * blockDim.x + threadIdx.x;
   for (long long j = blockIdx.y; j < sel.n; j += gridDim.y) {
@@ -164,16 +170,17 @@ extern "C" cudaError_t disco_k_expand_expert(const disco_kparams_t *p,
   if (sel.n <= 0) return cudaSuccess;
   dim3 grid, block;
   disco_shape(p, sel.n, &grid, &block);
-  disco_expand_expert_kernel<<<grid, block, 0, stream>>>(
-      *p, *pl, (const uint4 *)x, sel, (uint4 *)recv_x, src_rank, src_token, expert, weight);
+  disco_expand_expert_kernel<<<grid, block, 0, stream>>>(*p, *pl, (const uint4 *)x, sel,
+                                                         (uint4 *)recv_x, src_rank,
+                                                         src_token, expert, weight);
   return cudaGetLastError();
 }
 
 /* Padding rows of EXPERT_MAJOR groups: zero data, metadata -1 / 0.0. One block
  * per local expert. */
 __global__ void __launch_bounds__(DISCO_THREADS)
-disco_padding_kernel(disco_kparams_t p, disco_dev_plan_t pl, uint4 *recv_x, int *src_rank,
-                     int *src_token, int *expert, float *weight) {
+    disco_padding_kernel(disco_kparams_t p, disco_dev_plan_t pl, uint4 *recv_x,
+                         int *src_rank, int *src_token, int *expert, float *weight) {
   const int l = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const long long first = pl.exp_off[l] + pl.exp_total[l], end = pl.exp_off[l + 1];
   const uint4 z = make_uint4(0u, 0u, 0u, 0u);
@@ -188,9 +195,11 @@ disco_padding_kernel(disco_kparams_t p, disco_dev_plan_t pl, uint4 *recv_x, int 
   }
 }
 
-extern "C" cudaError_t disco_k_padding(const disco_kparams_t *p, const disco_dev_plan_t *pl,
-                                       void *recv_x, int32_t *src_rank, int32_t *src_token,
-                                       int32_t *expert, float *weight, cudaStream_t stream) {
+extern "C" cudaError_t disco_k_padding(const disco_kparams_t *p,
+                                       const disco_dev_plan_t *pl, void *recv_x,
+                                       int32_t *src_rank, int32_t *src_token,
+                                       int32_t *expert, float *weight,
+                                       cudaStream_t stream) {
   if (p->num_local <= 0) return cudaSuccess;
   disco_padding_kernel<<<p->num_local, DISCO_THREADS, 0, stream>>>(
       *p, *pl, (uint4 *)recv_x, src_rank, src_token, expert, weight);
@@ -198,9 +207,9 @@ extern "C" cudaError_t disco_k_padding(const disco_kparams_t *p, const disco_dev
 }
 
 /* ---- expand, RANK_MAJOR (data already in recv_x: metadata only) ---------------- */
-__global__ void disco_expand_rank_kernel(disco_kparams_t p, disco_dev_plan_t pl, long long R,
-                                         int *src_rank, int *src_token, int *expert,
-                                         float *weight) {
+__global__ void disco_expand_rank_kernel(disco_kparams_t p, disco_dev_plan_t pl,
+                                         long long R, int *src_rank, int *src_token,
+                                         int *expert, float *weight) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, K = p.top_k;
   for (long long i = blockIdx.x * DISCO_WARPS + warp; i < R;
        i += (long long)gridDim.x * DISCO_WARPS) {
@@ -228,10 +237,10 @@ __global__ void disco_expand_rank_kernel(disco_kparams_t p, disco_dev_plan_t pl,
 }
 
 extern "C" cudaError_t disco_k_expand_rank(const disco_kparams_t *p,
-                                           const disco_dev_plan_t *pl, int64_t recv_tokens,
-                                           int32_t *src_rank, int32_t *src_token,
-                                           int32_t *expert, float *weight,
-                                           cudaStream_t stream) {
+                                           const disco_dev_plan_t *pl,
+                                           int64_t recv_tokens, int32_t *src_rank,
+                                           int32_t *src_token, int32_t *expert,
+                                           float *weight, cudaStream_t stream) {
   if (recv_tokens <= 0) return cudaSuccess;
   disco_expand_rank_kernel<<<disco_grid(p, recv_tokens), DISCO_THREADS, 0, stream>>>(
       *p, *pl, (long long)recv_tokens, src_rank, src_token, expert, weight);

@@ -22,10 +22,9 @@
 #ifndef DISCO_CUDA_KERNELS_H_
 #define DISCO_CUDA_KERNELS_H_
 
+#include <cuda_runtime.h>
 #include <stddef.h>
 #include <stdint.h>
-
-#include <cuda_runtime.h>
 
 #include "disco.h"
 
@@ -47,14 +46,14 @@ enum {
 /* Sizes and the comm's scratch buffers. */
 typedef struct disco_kparams {
   int rank, world, num_experts, num_local, top_k;
-  int kd;            /* min(K, W): most destinations of one token */
-  int num_cols;      /* E + W columns of the layout counters */
-  int layout_warps;  /* warps (of 32 tokens) per layout block */
-  int max_blocks;    /* grid cap of grid-stride kernels */
-  int dtype;         /* disco_dtype_t */
-  int row_vecs;      /* 16-byte vectors per row of the config dtype */
-  int meta_ints;     /* int32 per metadata row */
-  int msg_len;       /* int64 per count message */
+  int kd;           /* min(K, W): most destinations of one token */
+  int num_cols;     /* E + W columns of the layout counters */
+  int layout_warps; /* warps (of 32 tokens) per layout block */
+  int max_blocks;   /* grid cap of grid-stride kernels */
+  int dtype;        /* disco_dtype_t */
+  int row_vecs;     /* 16-byte vectors per row of the config dtype */
+  int meta_ints;    /* int32 per metadata row */
+  int msg_len;      /* int64 per count message */
   int64_t max_tokens;
   size_t row_bytes;
   int32_t *blk_cnt;            /* [B_max, num_cols] */
@@ -121,8 +120,8 @@ cudaError_t disco_k_pack(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                          int rank_major, cudaStream_t stream);
 cudaError_t disco_k_expand_expert(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                                   const void *x, disco_rowsel_t sel, void *recv_x,
-                                  int32_t *src_rank, int32_t *src_token,
-                                  int32_t *expert, float *weight, cudaStream_t stream);
+                                  int32_t *src_rank, int32_t *src_token, int32_t *expert,
+                                  float *weight, cudaStream_t stream);
 cudaError_t disco_k_padding(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                             void *recv_x, int32_t *src_rank, int32_t *src_token,
                             int32_t *expert, float *weight, cudaStream_t stream);

@@ -78,8 +78,9 @@ __global__ void disco_layout_kernel(disco_kparams_t p, disco_dev_plan_t pl,
   for (; nd < p.kd; nd++) pl.tok_dest[drow + nd] = -1;
 }
 
-extern "C" cudaError_t disco_k_layout(const disco_kparams_t *p, const disco_dev_plan_t *pl,
-                                      const void *topk_idx, int idx64, int64_t num_tokens,
+extern "C" cudaError_t disco_k_layout(const disco_kparams_t *p,
+                                      const disco_dev_plan_t *pl, const void *topk_idx,
+                                      int idx64, int64_t num_tokens,
                                       cudaStream_t stream) {
   if (num_tokens <= 0) return cudaSuccess;
   int threads = 32 * p->layout_warps;
@@ -156,7 +157,8 @@ extern "C" cudaError_t disco_k_finalize(const disco_kparams_t *p,
 /* One block: receive offsets and expert groups from the received messages. */
 __global__ void disco_recv_plan_kernel(disco_kparams_t p, disco_dev_plan_t pl, int layout,
                                        int align, int32_t *n_to, int32_t *n_from,
-                                       int32_t *tpe, int64_t *num_rows_out, long long cap) {
+                                       int32_t *tpe, int64_t *num_rows_out,
+                                       long long cap) {
   const int W = p.world, L = p.num_local, ml = p.msg_len;
   const int64_t *send = pl.msg, *recv = pl.msg + (long long)W * ml;
   const int expert_major = layout == DISCO_LAYOUT_EXPERT_MAJOR;
@@ -208,7 +210,8 @@ __global__ void disco_recv_plan_kernel(disco_kparams_t p, disco_dev_plan_t pl, i
     long long start = expert_major ? pl.exp_off[l] : 0;
     for (int s = 0; s < W; s++) pl.srcbase[(long long)s * L + l] += start;
     if (tpe && out)
-      tpe[l] = (int32_t)(expert_major ? pl.exp_off[l + 1] - pl.exp_off[l] : pl.exp_total[l]);
+      tpe[l] =
+          (int32_t)(expert_major ? pl.exp_off[l + 1] - pl.exp_off[l] : pl.exp_total[l]);
   }
 }
 

@@ -57,7 +57,9 @@ uint64_t gw_rand(uint64_t *s) { /* splitmix64 */
   return z ^ (z >> 31);
 }
 
-static double gw_unit(uint64_t *s) { return (double)(gw_rand(s) >> 11) * 0x1.0p-53; }
+static double gw_unit(uint64_t *s) {
+  return (double)(gw_rand(s) >> 11) * 0x1.0p-53;
+}
 
 void gw_fill(void *buf, int64_t n, disco_dtype_t dtype, uint64_t seed) {
   uint64_t s = seed;

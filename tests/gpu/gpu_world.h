@@ -3,11 +3,10 @@
 #ifndef DISCO_TESTS_GPU_WORLD_H_
 #define DISCO_TESTS_GPU_WORLD_H_
 
-#include <pthread.h>
-#include <stdint.h>
-
 #include <cuda_runtime.h>
 #include <nccl.h>
+#include <pthread.h>
+#include <stdint.h>
 
 #include "disco.h"
 #include "ref/ref.h"

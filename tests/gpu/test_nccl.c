@@ -41,34 +41,62 @@ typedef struct tcase {
 #define I32 DISCO_INDEX_INT32
 
 static const tcase_t cases[] = {
-    {"basic", 4, 2, 64, 96, BF, WF, GW_UNIFORM, 0.1, 0, 1, EM, 1, I64, 1, PLAIN, INJ_NONE},
-    {"basic-rank", 4, 2, 64, 96, BF, WF, GW_UNIFORM, 0.1, 0, 1, RM, 1, I64, 1, PLAIN, INJ_NONE},
-    {"align16", 4, 3, 64, 80, BF, WF, GW_UNIFORM, 0.2, 0, 1, EM, 16, I64, 1, PLAIN, INJ_NONE},
-    {"k1-identity", 4, 1, 128, 100, BF, WF, GW_UNIFORM, 0.0, 0, 0, EM, 1, I64, 0, PLAIN, INJ_NONE},
-    {"k1-identity-rank", 4, 1, 128, 100, F16, WF, GW_UNIFORM, 0.0, 0, 0, RM, 1, I64, 0, PLAIN, INJ_NONE},
-    {"k8-fp16-wire-dtype", 8, 8, 96, 64, F16, WD, GW_UNIFORM, 0.1, 0, 1, EM, 1, I64, 1, PLAIN, INJ_NONE},
-    {"k8-bf16-wire-dtype-a4", 8, 8, 64, 64, BF, WD, GW_UNIFORM, 0.1, 0, 1, EM, 4, I64, 1, PLAIN, INJ_NONE},
-    {"k32-fp32-int32", 16, 32, 36, 40, F32, WF, GW_UNIFORM, 0.2, 0, 1, EM, 1, I32, 1, PLAIN, INJ_NONE},
-    {"k32-fp32-rank", 16, 32, 36, 40, F32, WD, GW_UNIFORM, 0.2, 0, 1, RM, 1, I64, 1, PLAIN, INJ_NONE},
-    {"zipf-unweighted-combine", 8, 8, 64, 128, BF, WF, GW_ZIPF, 0.0, 0, 1, EM, 1, I64, 0, PLAIN, INJ_NONE},
-    {"zipf-rank", 8, 8, 64, 128, BF, WF, GW_ZIPF, 0.0, 0, 1, RM, 1, I64, 1, PLAIN, INJ_NONE},
-    {"one-expert", 4, 4, 64, 64, BF, WF, GW_ONE_EXPERT, 0.0, 0, 1, EM, 1, I64, 1, PLAIN, INJ_NONE},
-    {"one-expert-rank", 4, 4, 64, 64, BF, WF, GW_ONE_EXPERT, 0.0, 0, 1, RM, 1, I64, 1, PLAIN, INJ_NONE},
-    {"zero-tokens-odd", 4, 2, 64, 50, BF, WF, GW_UNIFORM, 0.1, 1, 1, EM, 8, I64, 1, PLAIN, INJ_NONE},
-    {"zero-tokens-all", 4, 2, 64, 50, BF, WF, GW_UNIFORM, 0.1, 2, 1, EM, 1, I64, 1, PLAIN, INJ_NONE},
-    {"zero-tokens-all-rank", 4, 2, 64, 50, BF, WF, GW_UNIFORM, 0.1, 2, 1, RM, 1, I64, 1, PLAIN, INJ_NONE},
-    {"repeat20", 4, 4, 64, 70, BF, WF, GW_UNIFORM, 0.2, 0, 1, EM, 1, I64, 1, REPEAT, INJ_NONE},
-    {"repeat20-rank-a16", 4, 4, 64, 70, F16, WD, GW_ZIPF, 0.2, 0, 1, RM, 16, I64, 1, REPEAT, INJ_NONE},
-    {"layout-reuse", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, EM, 16, I64, 1, LAYOUT, INJ_NONE},
-    {"layout-reuse-rank", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, RM, 1, I64, 1, LAYOUT, INJ_NONE},
-    {"redispatch", 4, 4, 64, 64, BF, WD, GW_UNIFORM, 0.1, 0, 1, EM, 1, I32, 1, REDISPATCH, INJ_NONE},
-    {"capacity", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, EM, 1, I64, 1, PLAIN, INJ_CAPACITY},
-    {"capacity-rank", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, RM, 1, I64, 1, PLAIN, INJ_CAPACITY},
-    {"bad-id", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, EM, 1, I64, 1, PLAIN, INJ_BAD_ID},
-    {"dup-id", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, RM, 1, I32, 1, PLAIN, INJ_DUP},
-    {"big-h7168-k8", 32, 8, 7168, 256, BF, WF, GW_UNIFORM, 0.0, 0, 1, EM, 1, I64, 1, PLAIN, INJ_NONE},
-    {"big-h7168-k8-wire-dtype", 32, 8, 7168, 256, BF, WD, GW_ZIPF, 0.0, 0, 1, EM, 16, I64, 1, PLAIN, INJ_NONE},
-    {"big-h4096-rank", 32, 6, 4096, 192, BF, WF, GW_UNIFORM, 0.0, 0, 1, RM, 1, I64, 1, PLAIN, INJ_NONE},
+    {"basic", 4, 2, 64, 96, BF, WF, GW_UNIFORM, 0.1, 0, 1, EM, 1, I64, 1, PLAIN,
+     INJ_NONE},
+    {"basic-rank", 4, 2, 64, 96, BF, WF, GW_UNIFORM, 0.1, 0, 1, RM, 1, I64, 1, PLAIN,
+     INJ_NONE},
+    {"align16", 4, 3, 64, 80, BF, WF, GW_UNIFORM, 0.2, 0, 1, EM, 16, I64, 1, PLAIN,
+     INJ_NONE},
+    {"k1-identity", 4, 1, 128, 100, BF, WF, GW_UNIFORM, 0.0, 0, 0, EM, 1, I64, 0, PLAIN,
+     INJ_NONE},
+    {"k1-identity-rank", 4, 1, 128, 100, F16, WF, GW_UNIFORM, 0.0, 0, 0, RM, 1, I64, 0,
+     PLAIN, INJ_NONE},
+    {"k8-fp16-wire-dtype", 8, 8, 96, 64, F16, WD, GW_UNIFORM, 0.1, 0, 1, EM, 1, I64, 1,
+     PLAIN, INJ_NONE},
+    {"k8-bf16-wire-dtype-a4", 8, 8, 64, 64, BF, WD, GW_UNIFORM, 0.1, 0, 1, EM, 4, I64, 1,
+     PLAIN, INJ_NONE},
+    {"k32-fp32-int32", 16, 32, 36, 40, F32, WF, GW_UNIFORM, 0.2, 0, 1, EM, 1, I32, 1,
+     PLAIN, INJ_NONE},
+    {"k32-fp32-rank", 16, 32, 36, 40, F32, WD, GW_UNIFORM, 0.2, 0, 1, RM, 1, I64, 1,
+     PLAIN, INJ_NONE},
+    {"zipf-unweighted-combine", 8, 8, 64, 128, BF, WF, GW_ZIPF, 0.0, 0, 1, EM, 1, I64, 0,
+     PLAIN, INJ_NONE},
+    {"zipf-rank", 8, 8, 64, 128, BF, WF, GW_ZIPF, 0.0, 0, 1, RM, 1, I64, 1, PLAIN,
+     INJ_NONE},
+    {"one-expert", 4, 4, 64, 64, BF, WF, GW_ONE_EXPERT, 0.0, 0, 1, EM, 1, I64, 1, PLAIN,
+     INJ_NONE},
+    {"one-expert-rank", 4, 4, 64, 64, BF, WF, GW_ONE_EXPERT, 0.0, 0, 1, RM, 1, I64, 1,
+     PLAIN, INJ_NONE},
+    {"zero-tokens-odd", 4, 2, 64, 50, BF, WF, GW_UNIFORM, 0.1, 1, 1, EM, 8, I64, 1, PLAIN,
+     INJ_NONE},
+    {"zero-tokens-all", 4, 2, 64, 50, BF, WF, GW_UNIFORM, 0.1, 2, 1, EM, 1, I64, 1, PLAIN,
+     INJ_NONE},
+    {"zero-tokens-all-rank", 4, 2, 64, 50, BF, WF, GW_UNIFORM, 0.1, 2, 1, RM, 1, I64, 1,
+     PLAIN, INJ_NONE},
+    {"repeat20", 4, 4, 64, 70, BF, WF, GW_UNIFORM, 0.2, 0, 1, EM, 1, I64, 1, REPEAT,
+     INJ_NONE},
+    {"repeat20-rank-a16", 4, 4, 64, 70, F16, WD, GW_ZIPF, 0.2, 0, 1, RM, 16, I64, 1,
+     REPEAT, INJ_NONE},
+    {"layout-reuse", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, EM, 16, I64, 1, LAYOUT,
+     INJ_NONE},
+    {"layout-reuse-rank", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, RM, 1, I64, 1,
+     LAYOUT, INJ_NONE},
+    {"redispatch", 4, 4, 64, 64, BF, WD, GW_UNIFORM, 0.1, 0, 1, EM, 1, I32, 1, REDISPATCH,
+     INJ_NONE},
+    {"capacity", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, EM, 1, I64, 1, PLAIN,
+     INJ_CAPACITY},
+    {"capacity-rank", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, RM, 1, I64, 1, PLAIN,
+     INJ_CAPACITY},
+    {"bad-id", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, EM, 1, I64, 1, PLAIN,
+     INJ_BAD_ID},
+    {"dup-id", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, RM, 1, I32, 1, PLAIN,
+     INJ_DUP},
+    {"big-h7168-k8", 32, 8, 7168, 256, BF, WF, GW_UNIFORM, 0.0, 0, 1, EM, 1, I64, 1,
+     PLAIN, INJ_NONE},
+    {"big-h7168-k8-wire-dtype", 32, 8, 7168, 256, BF, WD, GW_ZIPF, 0.0, 0, 1, EM, 16, I64,
+     1, PLAIN, INJ_NONE},
+    {"big-h4096-rank", 32, 6, 4096, 192, BF, WF, GW_UNIFORM, 0.0, 0, 1, RM, 1, I64, 1,
+     PLAIN, INJ_NONE},
 };
 
 typedef struct tctx {
@@ -82,7 +110,8 @@ typedef struct tctx {
   pthread_mutex_t mu;
 } tctx_t;
 
-static void fail(tctx_t *x, int r, const char *fmt, const char *a, long long b, long long c) {
+static void fail(tctx_t *x, int r, const char *fmt, const char *a, long long b,
+                 long long c) {
   pthread_mutex_lock(&x->mu);
   printf("FAIL [%s W=%d] rank %d: ", x->c->name, x->gw->world, r);
   printf(fmt, a, b, c);
@@ -91,9 +120,9 @@ static void fail(tctx_t *x, int r, const char *fmt, const char *a, long long b, 
   pthread_mutex_unlock(&x->mu);
 }
 
-#define CUDA(call)                                                              \
-  do {                                                                          \
-    cudaError_t e_ = (call);                                                    \
+#define CUDA(call)                                                               \
+  do {                                                                           \
+    cudaError_t e_ = (call);                                                     \
     if (e_ != cudaSuccess) fail(x, r, "%s: %lld %lld", #call, (long long)e_, 0); \
   } while (0)
 
@@ -109,7 +138,8 @@ static void cmp(tctx_t *x, int r, const char *what, const void *dev, const void 
     int64_t i = 0;
     while (memcmp(got + i * es, (const unsigned char *)exp + i * es, es) == 0) i++;
     int64_t bad = 0;
-    for (int64_t k = 0; k < n; k++) bad += memcmp(got + k * es, (const unsigned char *)exp + k * es, es) != 0;
+    for (int64_t k = 0; k < n; k++)
+      bad += memcmp(got + k * es, (const unsigned char *)exp + k * es, es) != 0;
     fail(x, r, "%s differs: first element %lld, %lld elements wrong", what, (long long)i,
          (long long)bad);
   }
@@ -123,7 +153,8 @@ static void untouched(tctx_t *x, int r, const char *what, const void *dev, size_
   if (n == 0 || cudaMemcpy(buf, dev, n, cudaMemcpyDeviceToHost) != cudaSuccess) return;
   for (size_t i = 0; i < n; i++)
     if (buf[i] != 0xA5) {
-      fail(x, r, "%s written by a failed dispatch (byte %lld) %lld", what, (long long)i, 0);
+      fail(x, r, "%s written by a failed dispatch (byte %lld) %lld", what, (long long)i,
+           0);
       return;
     }
 }
@@ -142,7 +173,8 @@ static void rank_body(int r, void *arg) {
   const int W = x->gw->world, K = c->K, L = c->e_loc;
   const int64_t H = c->H, M = cfg->max_tokens;
   const size_t es = disco_dtype_size(c->dtype), rb = (size_t)H * es;
-  const int64_t cap_max = (int64_t)W * M * (K < L ? K : L) + (int64_t)L * (c->align - 1) + 8;
+  const int64_t cap_max =
+      (int64_t)W * M * (K < L ? K : L) + (int64_t)L * (c->align - 1) + 8;
   const int rounds = c->mode == REPEAT ? 20 : c->inject != INJ_NONE ? 2 : 1;
   disco_comm_t *comm = NULL;
   disco_handle_t *h = NULL;
@@ -175,7 +207,8 @@ static void rank_body(int r, void *arg) {
       int64_t T[64];
       uint64_t s = 12345u + (uint64_t)it * 77u + (uint64_t)(c - cases) * 1000u;
       for (int q = 0; q < W; q++) {
-        T[q] = c->mode == REPEAT ? (int64_t)(gw_rand(&s) % (uint64_t)(M + 1)) : M - (q * 7) % (M / 2 + 1);
+        T[q] = c->mode == REPEAT ? (int64_t)(gw_rand(&s) % (uint64_t)(M + 1))
+                                 : M - (q * 7) % (M / 2 + 1);
         if (c->tmode == 1 && q % 2 == 1) T[q] = 0;
         if (c->tmode == 2) T[q] = 0;
       }
@@ -199,7 +232,8 @@ static void rank_body(int r, void *arg) {
     if (inject == INJ_BAD_ID || inject == INJ_DUP) {
       int bad_rank = inject == INJ_BAD_ID ? W - 1 : 0;
       want = DISCO_ERR_REMOTE;
-      if (r == bad_rank && x->in.T[bad_rank] < 4) fail(x, r, "%s: too few tokens %lld %lld", c->name, 0, 0);
+      if (r == bad_rank && x->in.T[bad_rank] < 4)
+        fail(x, r, "%s: too few tokens %lld %lld", c->name, 0, 0);
       if (r == bad_rank) {
         int64_t t = 3 < T ? 3 : T - 1;
         if (inject == INJ_BAD_ID) {
@@ -216,7 +250,8 @@ static void rank_body(int r, void *arg) {
     CUDA(cudaMemcpy(d.x, x->in.x[r], (size_t)T * rb, cudaMemcpyHostToDevice));
     CUDA(cudaMemcpy(d.idx, c->itype == I64 ? (void *)idx : (void *)idx32,
                     (size_t)T * K * (c->itype == I64 ? 8 : 4), cudaMemcpyHostToDevice));
-    if (c->weighted) CUDA(cudaMemcpy(d.w, x->in.w[r], (size_t)T * K * 4, cudaMemcpyHostToDevice));
+    if (c->weighted)
+      CUDA(cudaMemcpy(d.w, x->in.w[r], (size_t)T * K * 4, cudaMemcpyHostToDevice));
     free(idx);
     free(idx32);
     int64_t cap = cap_max;
@@ -271,12 +306,14 @@ static void rank_body(int r, void *arg) {
       rc = disco_dispatch(comm, h, &a);
       CUDA(cudaStreamSynchronize(stream));
       if (rc != want)
-        fail(x, r, "dispatch returned %s (%lld), expected %lld", disco_last_error(), rc, want);
+        fail(x, r, "dispatch returned %s (%lld), expected %lld", disco_last_error(), rc,
+             want);
       if (rc == DISCO_SUCCESS) {
         int64_t nrows = -1;
         CUDA(cudaMemcpy(&nrows, d.nrows, 8, cudaMemcpyDeviceToHost));
         if (nrows != ref.num_rows)
-          fail(x, r, "num_recv_rows %s%lld, expected %lld", "", (long long)nrows, (long long)ref.num_rows);
+          fail(x, r, "num_recv_rows %s%lld, expected %lld", "", (long long)nrows,
+               (long long)ref.num_rows);
         cmp(x, r, "recv_x", d.rx, ref.recv_x, ref.num_rows, rb);
         cmp(x, r, "recv_src_rank", d.sr, ref.src_rank, ref.num_rows, 4);
         cmp(x, r, "recv_src_token", d.st, ref.src_token, ref.num_rows, 4);
@@ -291,7 +328,8 @@ static void rank_body(int r, void *arg) {
         untouched(x, r, "n_tokens_from_rank", d.nfrom, (size_t)W * 4);
         untouched(x, r, "num_recv_rows", d.nrows, 8);
         if (rc != DISCO_SUCCESS && strstr(disco_last_error(), "rank") == NULL)
-          fail(x, r, "error message names no rank: %s %lld %lld", disco_last_error(), 0, 0);
+          fail(x, r, "error message names no rank: %s %lld %lld", disco_last_error(), 0,
+               0);
       }
     }
     /* Combine, unless this round was meant to fail somewhere. */
@@ -319,7 +357,8 @@ static void rank_body(int r, void *arg) {
           fail(x, r, "combine: %s %lld %lld", disco_last_error(), rc, 0);
       }
       void *exp = malloc((size_t)(T > 0 ? T : 1) * rb);
-      if (disco_ref_combine(cfg, W, r, x->in.in, c->layout, c->align, x->ys, c->cweighted, exp) != 0)
+      if (disco_ref_combine(cfg, W, r, x->in.in, c->layout, c->align, x->ys, c->cweighted,
+                            exp) != 0)
         fail(x, r, "disco_ref_combine failed%s %lld %lld", "", 0, 0);
       cmp(x, r, "combine out", d.out, exp, T, rb);
       if (identity) cmp(x, r, "combine(dispatch(x)) == x", d.out, x->in.x[r], T, rb);
@@ -333,9 +372,20 @@ static void rank_body(int r, void *arg) {
   }
   disco_handle_destroy(h);
   disco_comm_destroy(comm);
-  cudaFree(d.x); cudaFree(d.idx); cudaFree(d.w); cudaFree(d.rx); cudaFree(d.y);
-  cudaFree(d.out); cudaFree(d.sr); cudaFree(d.st); cudaFree(d.ex); cudaFree(d.wt);
-  cudaFree(d.nto); cudaFree(d.nfrom); cudaFree(d.tpe); cudaFree(d.nrows);
+  cudaFree(d.x);
+  cudaFree(d.idx);
+  cudaFree(d.w);
+  cudaFree(d.rx);
+  cudaFree(d.y);
+  cudaFree(d.out);
+  cudaFree(d.sr);
+  cudaFree(d.st);
+  cudaFree(d.ex);
+  cudaFree(d.wt);
+  cudaFree(d.nto);
+  cudaFree(d.nfrom);
+  cudaFree(d.tpe);
+  cudaFree(d.nrows);
   if (stream) cudaStreamDestroy(stream);
 }
 

@@ -18,7 +18,7 @@ typedef struct disco_nccl_state {
   cudaStream_t aux;
   cudaEvent_t ev_fork, ev_pack, ev_mid, ev_aux;
   disco_kparams_t kp;
-  size_t ws_bytes;  /* each of kp.ws_send / kp.ws_recv */
+  size_t ws_bytes;     /* each of kp.ws_send / kp.ws_recv */
   int64_t split_bytes; /* peer segments from this size go in two halves
                           (DISCO_SPLIT_BYTES; env DISCO_NCCL_SPLIT_BYTES) */
   size_t meta_bytes;
@@ -26,21 +26,22 @@ typedef struct disco_nccl_state {
 
 typedef struct disco_nccl_plan {
   disco_dev_plan_t dev;
-  void *dev_mem;      /* one allocation behind every dev pointer */
-  int64_t *host_msg;  /* pinned [2, W, msg_len]: the one read-back */
-  int64_t *n_to;      /* [W] rows sent to each peer */
-  int64_t *n_from;    /* [W] rows received from each peer */
-  int64_t *recv_off;  /* [W + 1] */
+  void *dev_mem;     /* one allocation behind every dev pointer */
+  int64_t *host_msg; /* pinned [2, W, msg_len]: the one read-back */
+  int64_t *n_to;     /* [W] rows sent to each peer */
+  int64_t *n_from;   /* [W] rows received from each peer */
+  int64_t *recv_off; /* [W + 1] */
   int64_t recv_tokens;
   int64_t num_tokens;
-  int has_counts;     /* host_msg holds a successful count exchange */
+  int has_counts;             /* host_msg holds a successful count exchange */
   disco_layout_t plan_layout; /* layout/alignment the device recv plan holds */
   int plan_alignment;
 } disco_nccl_plan_t;
 
 /* Checked calls: record a message and return the code. */
 disco_result_t disco_nccl_cuda(cudaError_t e, const char *fn, const char *what, int rank);
-disco_result_t disco_nccl_nccl(ncclResult_t e, const char *fn, const char *what, int rank);
+disco_result_t disco_nccl_nccl(ncclResult_t e, const char *fn, const char *what,
+                               int rank);
 /* ncclGroupEnd, waiting (bounded) if the comm is non-blocking. */
 disco_result_t disco_nccl_group_end(disco_comm_t *comm, const char *fn);
 /* Waits for st->done (recorded by the caller) with the comm's deadline. */

@@ -6,15 +6,15 @@
 #include <string.h>
 #include <time.h>
 
-#include "disco_nccl.h"
-
 #include "backend/nccl/nccl_backend.h"
 #include "core/error.h"
+#include "disco_nccl.h"
 
 #define DISCO_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
 #define DISCO_SMEM_LIMIT 49152
 
-disco_result_t disco_nccl_cuda(cudaError_t e, const char *fn, const char *what, int rank) {
+disco_result_t disco_nccl_cuda(cudaError_t e, const char *fn, const char *what,
+                               int rank) {
   if (e == cudaSuccess) return DISCO_SUCCESS;
   if (e == cudaErrorMemoryAllocation)
     return disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: %s: %s on rank %d", fn, what,
@@ -23,7 +23,8 @@ disco_result_t disco_nccl_cuda(cudaError_t e, const char *fn, const char *what, 
                      cudaGetErrorName(e), cudaGetErrorString(e), rank);
 }
 
-disco_result_t disco_nccl_nccl(ncclResult_t e, const char *fn, const char *what, int rank) {
+disco_result_t disco_nccl_nccl(ncclResult_t e, const char *fn, const char *what,
+                               int rank) {
   if (e == ncclSuccess) return DISCO_SUCCESS;
   return disco_error(DISCO_ERR_BACKEND, "%s: %s: %s (%s) on rank %d", fn, what,
                      ncclGetErrorString(e), ncclGetLastError(NULL), rank);
@@ -71,7 +72,8 @@ disco_result_t disco_nccl_group_end(disco_comm_t *comm, const char *fn) {
 
 disco_result_t disco_nccl_wait(disco_comm_t *comm, const char *fn) {
   disco_nccl_state_t *st = comm->backend_state;
-  return disco_poll(st->nccl, st->done, comm->timeout_ms, fn, "count exchange", comm->rank);
+  return disco_poll(st->nccl, st->done, comm->timeout_ms, fn, "count exchange",
+                    comm->rank);
 }
 
 /* ---- handles ---------------------------------------------------------------- */
@@ -131,7 +133,8 @@ static disco_result_t disco_nccl_handle_init(disco_comm_t *comm, disco_handle_t 
   handle->backend_plan = pl;
   pl->n_to = calloc((size_t)(3 * W + 1), sizeof(int64_t));
   if (pl->n_to == NULL) {
-    rc = disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn, comm->rank);
+    rc = disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn,
+                     comm->rank);
     goto fail;
   }
   pl->n_from = pl->n_to + W;
@@ -139,12 +142,13 @@ static disco_result_t disco_nccl_handle_init(disco_comm_t *comm, disco_handle_t 
   rc = disco_nccl_cuda(cudaSetDevice(st->device), fn, "cudaSetDevice", comm->rank);
   if (rc != DISCO_SUCCESS) goto fail;
   size_t bytes = disco_plan_layout(comm, &pl->dev, NULL);
-  rc = disco_nccl_cuda(cudaMalloc(&pl->dev_mem, bytes), fn, "cudaMalloc(plan)", comm->rank);
+  rc = disco_nccl_cuda(cudaMalloc(&pl->dev_mem, bytes), fn, "cudaMalloc(plan)",
+                       comm->rank);
   if (rc != DISCO_SUCCESS) goto fail;
   disco_plan_layout(comm, &pl->dev, pl->dev_mem);
-  rc = disco_nccl_cuda(
-      cudaMallocHost((void **)&pl->host_msg, 2u * (size_t)W * (size_t)st->kp.msg_len * 8u),
-      fn, "cudaMallocHost(counts)", comm->rank);
+  rc = disco_nccl_cuda(cudaMallocHost((void **)&pl->host_msg,
+                                      2u * (size_t)W * (size_t)st->kp.msg_len * 8u),
+                       fn, "cudaMallocHost(counts)", comm->rank);
   if (rc != DISCO_SUCCESS) goto fail;
   return DISCO_SUCCESS;
 fail:
@@ -218,9 +222,9 @@ static disco_result_t disco_nccl_setup(disco_comm_t *comm, const char *fn) {
                        "%s: num_experts + world_size = %d (max 6000) or world_size * "
                        "max_tokens * top_k = %.0f (max 2^31-1) too large on rank %d",
                        fn, p->num_cols, (double)W * (double)M * (double)K, comm->rank);
-  rc = disco_nccl_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-                                              st->device),
-                       fn, "cudaDeviceGetAttribute", comm->rank);
+  rc = disco_nccl_cuda(
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, st->device), fn,
+      "cudaDeviceGetAttribute", comm->rank);
   if (rc != DISCO_SUCCESS) return rc;
   if (c->max_sms > 0 && c->max_sms < sms) sms = c->max_sms;
   p->max_blocks = 8 * (sms > 0 ? sms : 1);
@@ -246,8 +250,9 @@ static disco_result_t disco_nccl_setup(disco_comm_t *comm, const char *fn) {
       {(void **)&p->err_key, 8u, "cudaMalloc(error key)"},
   };
   for (size_t i = 0; i < sizeof(allocs) / sizeof(allocs[0]); i++) {
-    rc = disco_nccl_cuda(cudaMalloc(allocs[i].ptr, allocs[i].bytes ? allocs[i].bytes : 16u),
-                         fn, allocs[i].what, comm->rank);
+    rc = disco_nccl_cuda(
+        cudaMalloc(allocs[i].ptr, allocs[i].bytes ? allocs[i].bytes : 16u), fn,
+        allocs[i].what, comm->rank);
     if (rc != DISCO_SUCCESS) return rc;
   }
   rc = disco_nccl_cuda(cudaMemset(p->err_key, 0xff, 8u), fn, "cudaMemset", comm->rank);
@@ -291,16 +296,18 @@ static disco_result_t disco_nccl_agree(ncclComm_t nc, int rank, int timeout_ms,
   if (rc == DISCO_SUCCESS)
     rc = disco_nccl_cuda(cudaMalloc((void **)&dev, sizeof(v)), fn, "cudaMalloc", rank);
   if (rc == DISCO_SUCCESS)
-    rc = disco_nccl_cuda(cudaMemcpyAsync(dev, v, sizeof(v), cudaMemcpyHostToDevice, s), fn,
-                         "cudaMemcpyAsync", rank);
+    rc = disco_nccl_cuda(cudaMemcpyAsync(dev, v, sizeof(v), cudaMemcpyHostToDevice, s),
+                         fn, "cudaMemcpyAsync", rank);
   if (rc == DISCO_SUCCESS)
     rc = disco_nccl_nccl(ncclAllReduce(dev, dev, 2 * DISCO_NF, ncclInt64, ncclMax, nc, s),
                          fn, "ncclAllReduce", rank);
   if (rc == DISCO_SUCCESS)
-    rc = disco_nccl_cuda(cudaMemcpyAsync(v, dev, sizeof(v), cudaMemcpyDeviceToHost, s), fn,
-                         "cudaMemcpyAsync", rank);
-  if (rc == DISCO_SUCCESS) rc = disco_nccl_cuda(cudaEventRecord(ev, s), fn, "cudaEventRecord", rank);
-  if (rc == DISCO_SUCCESS) rc = disco_poll(nc, ev, timeout_ms, fn, "config agreement", rank);
+    rc = disco_nccl_cuda(cudaMemcpyAsync(v, dev, sizeof(v), cudaMemcpyDeviceToHost, s),
+                         fn, "cudaMemcpyAsync", rank);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaEventRecord(ev, s), fn, "cudaEventRecord", rank);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_poll(nc, ev, timeout_ms, fn, "config agreement", rank);
   if (rc == DISCO_SUCCESS) {
     *any_failed = v[0] != 0;
     *mismatch = 0;
@@ -321,7 +328,8 @@ disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm, const disco_config_t
   int rank = -1, world = 0, device = -1, any_failed = 0, mismatch = 0;
   disco_result_t rc, local;
   disco_error_clear();
-  if (out == NULL) return disco_error(DISCO_ERR_NULL_POINTER, "%s: comm output is NULL", fn);
+  if (out == NULL)
+    return disco_error(DISCO_ERR_NULL_POINTER, "%s: comm output is NULL", fn);
   *out = NULL;
   if (nccl_comm == NULL)
     return disco_error(DISCO_ERR_NULL_POINTER, "%s: nccl_comm is NULL", fn);
@@ -336,7 +344,8 @@ disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm, const disco_config_t
   if (local == DISCO_SUCCESS) {
     st = calloc(1, sizeof(*st));
     if (st == NULL)
-      local = disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn, rank);
+      local =
+          disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn, rank);
   }
   if (local == DISCO_SUCCESS) {
     comm->ops = &disco_nccl_ops;
@@ -347,26 +356,27 @@ disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm, const disco_config_t
   }
   char saved[512];
   snprintf(saved, sizeof(saved), "%s", disco_last_error());
-  rc = disco_nccl_agree(nccl_comm, rank,
-                        comm != NULL ? comm->timeout_ms : DISCO_DEFAULT_TIMEOUT_MS,
-                        comm != NULL ? &comm->config : NULL,
-                        st != NULL ? st->split_bytes : 0, local != DISCO_SUCCESS, fn,
-                        &any_failed, &mismatch);
+  rc = disco_nccl_agree(
+      nccl_comm, rank, comm != NULL ? comm->timeout_ms : DISCO_DEFAULT_TIMEOUT_MS,
+      comm != NULL ? &comm->config : NULL, st != NULL ? st->split_bytes : 0,
+      local != DISCO_SUCCESS, fn, &any_failed, &mismatch);
   if (rc != DISCO_SUCCESS) goto fail;
   if (local != DISCO_SUCCESS) {
     rc = disco_error(local, "%s", saved);
     goto fail;
   }
   if (any_failed) {
-    rc = disco_error(DISCO_ERR_REMOTE, "%s: another rank failed to create its comm (seen on rank %d)",
-                     fn, rank);
+    rc = disco_error(DISCO_ERR_REMOTE,
+                     "%s: another rank failed to create its comm (seen on rank %d)", fn,
+                     rank);
     goto fail;
   }
   if (mismatch) {
-    rc = disco_error(DISCO_ERR_INVALID_ARGUMENT,
-                     "%s: config differs between ranks (num_experts, top_k, hidden, "
-                     "max_tokens, dtype, combine_wire or DISCO_NCCL_SPLIT_BYTES) on rank %d",
-                     fn, rank);
+    rc = disco_error(
+        DISCO_ERR_INVALID_ARGUMENT,
+        "%s: config differs between ranks (num_experts, top_k, hidden, "
+        "max_tokens, dtype, combine_wire or DISCO_NCCL_SPLIT_BYTES) on rank %d",
+        fn, rank);
     goto fail;
   }
   *out = comm;

@@ -8,27 +8,27 @@
 #include "core/error.h"
 #include "core/validate.h"
 
-#define CK_CUDA(call, what)                                                     \
-  do {                                                                          \
-    rc = disco_nccl_cuda((call), fn, (what), comm->rank);                       \
-    if (rc != DISCO_SUCCESS) goto done;                                         \
+#define CK_CUDA(call, what)                               \
+  do {                                                    \
+    rc = disco_nccl_cuda((call), fn, (what), comm->rank); \
+    if (rc != DISCO_SUCCESS) goto done;                   \
   } while (0)
-#define CK_NCCL(call, what)                                                     \
-  do {                                                                          \
-    rc = disco_nccl_nccl((call), fn, (what), comm->rank);                       \
-    if (rc != DISCO_SUCCESS) goto done;                                         \
+#define CK_NCCL(call, what)                               \
+  do {                                                    \
+    rc = disco_nccl_nccl((call), fn, (what), comm->rank); \
+    if (rc != DISCO_SUCCESS) goto done;                   \
   } while (0)
 /* Open a group; `done` closes it if a call inside fails. */
-#define GROUP_START()                                                           \
-  do {                                                                          \
-    CK_NCCL(ncclGroupStart(), "ncclGroupStart");                                \
-    in_group = 1;                                                               \
+#define GROUP_START()                            \
+  do {                                           \
+    CK_NCCL(ncclGroupStart(), "ncclGroupStart"); \
+    in_group = 1;                                \
   } while (0)
-#define GROUP_END()                                                             \
-  do {                                                                          \
-    in_group = 0;                                                               \
-    rc = disco_nccl_group_end(comm, fn);                                        \
-    if (rc != DISCO_SUCCESS) goto done;                                         \
+#define GROUP_END()                      \
+  do {                                   \
+    in_group = 0;                        \
+    rc = disco_nccl_group_end(comm, fn); \
+    if (rc != DISCO_SUCCESS) goto done;  \
   } while (0)
 
 /* Rows this rank receives for a layout, from the read-back messages. */
@@ -36,12 +36,14 @@ static int64_t disco_host_rows(const disco_kparams_t *p, const int64_t *recv,
                                disco_layout_t layout, int align) {
   int64_t rows = 0;
   if (layout == DISCO_LAYOUT_RANK_MAJOR) {
-    for (int s = 0; s < p->world; s++) rows += recv[(int64_t)s * p->msg_len + DISCO_MSG_TOKENS];
+    for (int s = 0; s < p->world; s++)
+      rows += recv[(int64_t)s * p->msg_len + DISCO_MSG_TOKENS];
     return rows;
   }
   for (int l = 0; l < p->num_local; l++) {
     int64_t n = 0;
-    for (int s = 0; s < p->world; s++) n += recv[(int64_t)s * p->msg_len + DISCO_MSG_COUNTS + l];
+    for (int s = 0; s < p->world; s++)
+      n += recv[(int64_t)s * p->msg_len + DISCO_MSG_COUNTS + l];
     if (align > 1) n = (n + align - 1) / align * align;
     rows += n;
   }
@@ -49,7 +51,8 @@ static int64_t disco_host_rows(const disco_kparams_t *p, const int64_t *recv,
 }
 
 /* Host copies of the exchanged counts (after a successful read-back). */
-static void disco_take_counts(disco_nccl_plan_t *pl, const disco_kparams_t *p, int64_t T) {
+static void disco_take_counts(disco_nccl_plan_t *pl, const disco_kparams_t *p,
+                              int64_t T) {
   const int W = p->world;
   const int64_t *sent = pl->host_msg, *recv = pl->host_msg + (int64_t)W * p->msg_len;
   pl->recv_off[0] = 0;
@@ -73,7 +76,8 @@ static disco_result_t disco_check_status(disco_comm_t *comm, const int64_t *recv
     char what[160];
     if (code == DISCO_SUCCESS) continue;
     if (code == DISCO_ERR_DUPLICATE_EXPERT)
-      snprintf(what, sizeof(what), "topk_idx[%lld][%lld] = %lld repeats topk_idx[%lld][%lld]",
+      snprintf(what, sizeof(what),
+               "topk_idx[%lld][%lld] = %lld repeats topk_idx[%lld][%lld]",
                (long long)m[DISCO_MSG_ROW], (long long)m[DISCO_MSG_SLOT],
                (long long)m[DISCO_MSG_VALUE], (long long)m[DISCO_MSG_ROW],
                (long long)m[DISCO_MSG_PREV]);
@@ -111,8 +115,8 @@ static void disco_half(int64_t n, int c, int64_t split, int64_t *lo, int64_t *hi
 }
 
 /* Rows of the peers' halves of chunk c (launch size of a chunk rowsel). */
-static disco_rowsel_t disco_chunk_sel(const disco_comm_t *comm, const disco_nccl_plan_t *pl,
-                                      int c) {
+static disco_rowsel_t disco_chunk_sel(const disco_comm_t *comm,
+                                      const disco_nccl_plan_t *pl, int c) {
   disco_rowsel_t s = {0, 0, 0, 0, c, disco_split_rows(comm)};
   for (int q = 0; q < comm->world_size; q++) {
     int64_t lo, hi;
@@ -126,11 +130,13 @@ static disco_rowsel_t disco_chunk_sel(const disco_comm_t *comm, const disco_nccl
 /* One NCCL group of dispatch rows + metadata (c < 0: whole segments).
  * `dst`: where received rows land (recv_x or the workspace). */
 static disco_result_t disco_post_rows(disco_comm_t *comm, const disco_nccl_plan_t *pl,
-                                      char *dst, int c, cudaStream_t stream, const char *fn) {
+                                      char *dst, int c, cudaStream_t stream,
+                                      const char *fn) {
   const disco_nccl_state_t *st = comm->backend_state;
   const disco_kparams_t *p = &st->kp;
   const int W = comm->world_size, r = comm->rank;
-  const size_t rb = comm->row_bytes, mb = (size_t)p->meta_ints * 4u, M = (size_t)p->max_tokens;
+  const size_t rb = comm->row_bytes, mb = (size_t)p->meta_ints * 4u,
+               M = (size_t)p->max_tokens;
   const int64_t split = disco_split_rows(comm);
   disco_result_t rc = disco_nccl_nccl(ncclGroupStart(), fn, "ncclGroupStart", r);
   if (rc != DISCO_SUCCESS) return rc;
@@ -139,9 +145,10 @@ static disco_result_t disco_post_rows(disco_comm_t *comm, const disco_nccl_plan_
     if (d == r) continue;
     disco_half(pl->n_to[d], c, split, &lo, &hi);
     if (hi > lo) {
-      rc = disco_nccl_nccl(ncclSend((char *)p->ws_send + ((size_t)d * M + (size_t)lo) * rb,
-                                    (size_t)(hi - lo) * rb, ncclChar, d, st->nccl, stream),
-                           fn, "ncclSend(rows)", r);
+      rc =
+          disco_nccl_nccl(ncclSend((char *)p->ws_send + ((size_t)d * M + (size_t)lo) * rb,
+                                   (size_t)(hi - lo) * rb, ncclChar, d, st->nccl, stream),
+                          fn, "ncclSend(rows)", r);
       if (rc == DISCO_SUCCESS)
         rc = disco_nccl_nccl(
             ncclSend(p->send_meta + ((size_t)d * M + (size_t)lo) * (size_t)p->meta_ints,
@@ -151,13 +158,14 @@ static disco_result_t disco_post_rows(disco_comm_t *comm, const disco_nccl_plan_
     disco_half(pl->n_from[d], c, split, &lo, &hi);
     if (hi > lo && rc == DISCO_SUCCESS) {
       const size_t at = (size_t)(pl->recv_off[d] + lo);
-      rc = disco_nccl_nccl(ncclRecv(dst + at * rb, (size_t)(hi - lo) * rb, ncclChar, d,
-                                    st->nccl, stream),
-                           fn, "ncclRecv(rows)", r);
+      rc = disco_nccl_nccl(
+          ncclRecv(dst + at * rb, (size_t)(hi - lo) * rb, ncclChar, d, st->nccl, stream),
+          fn, "ncclRecv(rows)", r);
       if (rc == DISCO_SUCCESS)
-        rc = disco_nccl_nccl(ncclRecv(p->recv_meta + at * (size_t)p->meta_ints,
-                                      (size_t)(hi - lo) * mb, ncclChar, d, st->nccl, stream),
-                             fn, "ncclRecv(metadata)", r);
+        rc = disco_nccl_nccl(
+            ncclRecv(p->recv_meta + at * (size_t)p->meta_ints, (size_t)(hi - lo) * mb,
+                     ncclChar, d, st->nccl, stream),
+            fn, "ncclRecv(metadata)", r);
     }
   }
   if (rc != DISCO_SUCCESS) {
@@ -182,14 +190,16 @@ static disco_result_t disco_post_partials(disco_comm_t *comm, const disco_nccl_p
     if (d == r) continue;
     disco_half(pl->n_from[d], c, split, &lo, &hi);
     if (hi > lo)
-      rc = disco_nccl_nccl(ncclSend(part + (size_t)(pl->recv_off[d] + lo) * wb,
-                                    (size_t)(hi - lo) * wb, ncclChar, d, st->nccl, stream),
-                           fn, "ncclSend(partials)", r);
+      rc =
+          disco_nccl_nccl(ncclSend(part + (size_t)(pl->recv_off[d] + lo) * wb,
+                                   (size_t)(hi - lo) * wb, ncclChar, d, st->nccl, stream),
+                          fn, "ncclSend(partials)", r);
     disco_half(pl->n_to[d], c, split, &lo, &hi);
     if (hi > lo && rc == DISCO_SUCCESS)
-      rc = disco_nccl_nccl(ncclRecv((char *)st->kp.ws_send + ((size_t)d * M + (size_t)lo) * wb,
-                                    (size_t)(hi - lo) * wb, ncclChar, d, st->nccl, stream),
-                           fn, "ncclRecv(partials)", r);
+      rc = disco_nccl_nccl(
+          ncclRecv((char *)st->kp.ws_send + ((size_t)d * M + (size_t)lo) * wb,
+                   (size_t)(hi - lo) * wb, ncclChar, d, st->nccl, stream),
+          fn, "ncclRecv(partials)", r);
   }
   if (rc != DISCO_SUCCESS) {
     ncclGroupEnd();
@@ -248,10 +258,12 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
     GROUP_START();
     for (int d = 0; d < W; d++) {
       if (d == r) continue;
-      CK_NCCL(ncclSend(dp->msg + (int64_t)d * p->msg_len, msg_bytes, ncclChar, d, st->nccl,
-                       stream), "ncclSend(counts)");
+      CK_NCCL(ncclSend(dp->msg + (int64_t)d * p->msg_len, msg_bytes, ncclChar, d,
+                       st->nccl, stream),
+              "ncclSend(counts)");
       CK_NCCL(ncclRecv(dp->msg + (int64_t)(W + d) * p->msg_len, msg_bytes, ncclChar, d,
-                       st->nccl, stream), "ncclRecv(counts)");
+                       st->nccl, stream),
+              "ncclRecv(counts)");
     }
     GROUP_END();
     CK_CUDA(cudaMemcpyAsync(pl->host_msg, dp->msg, 2u * (size_t)W * msg_bytes,
@@ -287,14 +299,16 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   rows = disco_host_rows(p, recv, args->layout, align);
   cap_rc = disco_validate_dispatch_rows(fn, comm, args, rows);
   if (cap_rc == DISCO_SUCCESS && rows > 2147483647) /* kernels index rows with int32 */
-    cap_rc = disco_error(DISCO_ERR_NOT_SUPPORTED, "%s: %lld rows exceed 2^31-1 on rank %d",
-                         fn, (long long)rows, r);
+    cap_rc =
+        disco_error(DISCO_ERR_NOT_SUPPORTED, "%s: %lld rows exceed 2^31-1 on rank %d", fn,
+                    (long long)rows, r);
   /* Payload and metadata in one group. Peers send regardless of our
    * capacity, so a rank that cannot take its rows still receives them, into
    * the workspace. (Two pipelined halves measured slower here: 2x H200,
    * 4096 tokens, +20..40 us.) */
   CK_CUDA(cudaStreamWaitEvent(stream, st->ev_pack, 0), "cudaStreamWaitEvent");
-  char *dst = rank_major && cap_rc == DISCO_SUCCESS ? (char *)args->recv_x : (char *)p->ws_recv;
+  char *dst =
+      rank_major && cap_rc == DISCO_SUCCESS ? (char *)args->recv_x : (char *)p->ws_recv;
   rc = disco_post_rows(comm, pl, dst, -1, stream, fn);
   if (rc != DISCO_SUCCESS) goto done;
   if (cap_rc != DISCO_SUCCESS) {
@@ -309,38 +323,38 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   if (rank_major) {
     if (self_n > 0)
       CK_CUDA(cudaMemcpyAsync((char *)args->recv_x + (size_t)self_off * rb,
-                              (char *)p->ws_send + (size_t)(r * M) * rb, (size_t)self_n * rb,
-                              cudaMemcpyDeviceToDevice, st->aux),
+                              (char *)p->ws_send + (size_t)(r * M) * rb,
+                              (size_t)self_n * rb, cudaMemcpyDeviceToDevice, st->aux),
               "cudaMemcpyAsync(self rows)");
   } else {
     CK_CUDA(disco_k_expand_expert(p, dp, args->x, self, args->recv_x, args->recv_src_rank,
-                                  args->recv_src_token, args->recv_expert, args->recv_weight,
-                                  st->aux),
+                                  args->recv_src_token, args->recv_expert,
+                                  args->recv_weight, st->aux),
             "expand kernel (self)");
   }
   CK_CUDA(cudaEventRecord(st->ev_aux, st->aux), "cudaEventRecord");
   tail = st->ev_aux;
   if (rank_major) {
     CK_CUDA(disco_k_expand_rank(p, dp, pl->recv_tokens, args->recv_src_rank,
-                                args->recv_src_token, args->recv_expert, args->recv_weight,
-                                stream),
+                                args->recv_src_token, args->recv_expert,
+                                args->recv_weight, stream),
             "expand kernel");
   } else {
-    CK_CUDA(disco_k_expand_expert(p, dp, args->x, peers, args->recv_x, args->recv_src_rank,
-                                  args->recv_src_token, args->recv_expert, args->recv_weight,
-                                  stream),
+    CK_CUDA(disco_k_expand_expert(p, dp, args->x, peers, args->recv_x,
+                                  args->recv_src_rank, args->recv_src_token,
+                                  args->recv_expert, args->recv_weight, stream),
             "expand kernel (peers)");
     if (align > 1)
-      CK_CUDA(disco_k_padding(p, dp, args->recv_x, args->recv_src_rank,
-                              args->recv_src_token, args->recv_expert, args->recv_weight,
-                              stream),
-              "padding kernel");
+      CK_CUDA(
+          disco_k_padding(p, dp, args->recv_x, args->recv_src_rank, args->recv_src_token,
+                          args->recv_expert, args->recv_weight, stream),
+          "padding kernel");
   }
   *num_rows = rows;
   rc = DISCO_SUCCESS;
 done:
   if (in_group) ncclGroupEnd(); /* after a failed call inside: close it */
-  if (tail != NULL) { /* join the side stream back into the caller's */
+  if (tail != NULL) {           /* join the side stream back into the caller's */
     disco_result_t jr = disco_nccl_cuda(cudaStreamWaitEvent(stream, tail, 0), fn,
                                         "cudaStreamWaitEvent", r);
     if (rc == DISCO_SUCCESS) rc = jr;
@@ -357,7 +371,8 @@ disco_result_t disco_nccl_combine(disco_comm_t *comm, disco_handle_t *handle,
   cudaStream_t stream = (cudaStream_t)args->stream;
   const int r = comm->rank;
   const int rank_major = handle->layout == DISCO_LAYOUT_RANK_MAJOR;
-  const int wire32 = !rank_major && comm->config.combine_wire == DISCO_COMBINE_WIRE_FP32 &&
+  const int wire32 = !rank_major &&
+                     comm->config.combine_wire == DISCO_COMBINE_WIRE_FP32 &&
                      comm->config.dtype != DISCO_DTYPE_FP32;
   const size_t wb = wire32 ? (size_t)comm->config.hidden * 4u : comm->row_bytes;
   const char *part = rank_major ? (const char *)args->y : (const char *)p->ws_recv;
@@ -377,9 +392,9 @@ disco_result_t disco_nccl_combine(disco_comm_t *comm, disco_handle_t *handle,
      * row to fold (config top_k, the same on every rank, so both ends of a
      * pair post the same groups). */
     const int split = comm->config.top_k >= DISCO_SPLIT_MIN_TOPK;
-    const disco_rowsel_t first = split ? disco_chunk_sel(comm, pl, 0)
-                                       : (disco_rowsel_t){pl->recv_tokens - self.n, 0,
-                                                          self.base, self.n, -1, 0};
+    const disco_rowsel_t first =
+        split ? disco_chunk_sel(comm, pl, 0)
+              : (disco_rowsel_t){pl->recv_tokens - self.n, 0, self.base, self.n, -1, 0};
     CK_CUDA(disco_k_combine_expert(p, &pl->dev, args->y, first, weighted, wire32, stream),
             "combine expert kernel (peers)");
     CK_CUDA(cudaEventRecord(st->ev_mid, stream), "cudaEventRecord");
