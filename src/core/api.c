@@ -1,5 +1,8 @@
 /* Public dispatch/combine entry points: validation, handle rules, then either
  * the device backend's whole operation or the host path. */
+#include <stddef.h>
+#include <stdio.h>
+
 #include "core/comm.h"
 #include "core/error.h"
 #include "core/host_path.h"
@@ -39,6 +42,32 @@ static disco_result_t check_dispatch(const char *fn, disco_comm_t *comm,
   return DISCO_SUCCESS;
 }
 
+/* args->flags/stream when the caller's struct is readable that far. */
+static int args_reach(const disco_dispatch_args_t *args, size_t end) {
+  return args != NULL && args->magic == DISCO_DISPATCH_ARGS_MAGIC && args->size >= end;
+}
+
+static int dispatch_reuses(const disco_dispatch_args_t *args) {
+  return args_reach(args, offsetof(disco_dispatch_args_t, flags) + sizeof(uint32_t)) &&
+         (args->flags & DISCO_DISPATCH_REUSE_LAYOUT);
+}
+
+/* A device backend's peers are already in (or about to enter) the count
+ * exchange: let the backend carry `code` through it so they return
+ * DISCO_ERR_REMOTE, and keep this rank's own message. A REUSE_LAYOUT call
+ * has no count exchange, so there is nothing to join. */
+static void device_abort(disco_comm_t *comm, disco_handle_t *handle,
+                         const disco_dispatch_args_t *args, disco_result_t code) {
+  char msg[512];
+  void *stream =
+      args_reach(args, offsetof(disco_dispatch_args_t, stream) + sizeof(void *))
+          ? args->stream
+          : NULL;
+  snprintf(msg, sizeof(msg), "%s", disco_last_error());
+  comm->ops->dispatch_abort(comm, handle, stream, code);
+  disco_error(code, "%s", msg);
+}
+
 static disco_result_t dispatch_common(const char *fn, disco_comm_t *comm,
                                       disco_handle_t *handle,
                                       const disco_dispatch_args_t *args, int layout_only,
@@ -55,9 +84,11 @@ static disco_result_t dispatch_common(const char *fn, disco_comm_t *comm,
     handle->data_moved = 0;
   }
   if (comm->ops->dispatch != NULL) {
-    /* Device backend: it cannot hear about a local error here, so peers rely
-     * on its own timeout. */
-    if (rc != DISCO_SUCCESS) return rc;
+    if (rc != DISCO_SUCCESS) {
+      if (own && comm->ops->dispatch_abort != NULL && !dispatch_reuses(args))
+        device_abort(comm, handle, args, rc);
+      return rc;
+    }
     int64_t rows = 0;
     rc = comm->ops->dispatch(comm, handle, &a, layout_only, &rows);
     if (rc == DISCO_SUCCESS) {

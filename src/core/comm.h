@@ -45,6 +45,12 @@ typedef struct disco_backend_ops {
                              int64_t *num_rows);
   disco_result_t (*combine)(disco_comm_t *comm, disco_handle_t *handle,
                             const disco_combine_args_t *args);
+  /* Device backends: this rank's dispatch failed the host-side checks with
+   * `code` (its arguments may be unusable); take part in the count exchange
+   * carrying the code so peers return DISCO_ERR_REMOTE instead of waiting.
+   * api.c keeps the original error message. NULL: not needed. */
+  void (*dispatch_abort)(disco_comm_t *comm, disco_handle_t *handle, void *stream,
+                         disco_result_t code);
   /* Per-handle backend state (device buffers), sized from the config. */
   disco_result_t (*handle_init)(disco_comm_t *comm, disco_handle_t *handle);
   void (*handle_fini)(disco_comm_t *comm, disco_handle_t *handle);

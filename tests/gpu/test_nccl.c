@@ -11,7 +11,9 @@
 #include "gpu_world.h"
 
 enum { PLAIN, LAYOUT, REPEAT, REDISPATCH };
-enum { INJ_NONE, INJ_CAPACITY, INJ_BAD_ID, INJ_DUP };
+/* INJ_HOST: rank 0 passes a misaligned x, an error found on the host before
+ * any kernel runs; peers must get DISCO_ERR_REMOTE, not a hang. */
+enum { INJ_NONE, INJ_CAPACITY, INJ_BAD_ID, INJ_DUP, INJ_HOST };
 
 typedef struct tcase {
   const char *name;
@@ -91,6 +93,8 @@ static const tcase_t cases[] = {
      INJ_BAD_ID},
     {"dup-id", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, RM, 1, I32, 1, PLAIN,
      INJ_DUP},
+    {"host-error", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, EM, 1, I64, 1, PLAIN,
+     INJ_HOST},
     {"big-h7168-k8", 32, 8, 7168, 256, BF, WF, GW_UNIFORM, 0.0, 0, 1, EM, 1, I64, 1,
      PLAIN, INJ_NONE},
     {"big-h7168-k8-wire-dtype", 32, 8, 7168, 256, BF, WD, GW_ZIPF, 0.0, 0, 1, EM, 16, I64,
@@ -229,6 +233,7 @@ static void rank_body(int r, void *arg) {
     memcpy(idx32, x->in.idx32[r], (size_t)T * K * 4);
     disco_result_t want = DISCO_SUCCESS;
     int all_ok = inject == INJ_NONE || inject == INJ_CAPACITY;
+    if (inject == INJ_HOST) want = r == 0 ? DISCO_ERR_MISALIGNED : DISCO_ERR_REMOTE;
     if (inject == INJ_BAD_ID || inject == INJ_DUP) {
       int bad_rank = inject == INJ_BAD_ID ? W - 1 : 0;
       want = DISCO_ERR_REMOTE;
@@ -263,10 +268,12 @@ static void rank_body(int r, void *arg) {
     const int em = c->layout == EM;
     const int64_t mr = em ? 1 : K; /* metadata entries per row */
     disco_dispatch_args_t a = DISCO_DISPATCH_ARGS_INIT;
-    a.x = d.x;
+    a.x = inject == INJ_HOST && r == 0 ? (const void *)((const char *)d.x + 2) : d.x;
     a.topk_idx = d.idx;
     a.index_type = c->itype;
-    a.topk_weights = c->weighted ? d.w : NULL;
+    /* A rank with no tokens passes no weights: weighting must still follow
+     * each token's own rank (regression for the expert-rank flag). */
+    a.topk_weights = c->weighted && T > 0 ? d.w : NULL;
     a.num_tokens = T;
     a.layout = c->layout;
     a.expert_alignment = c->align;

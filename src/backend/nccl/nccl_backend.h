@@ -50,6 +50,10 @@ disco_result_t disco_nccl_wait(disco_comm_t *comm, const char *fn);
 disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
                                    const disco_dispatch_args_t *args, int layout_only,
                                    int64_t *num_rows);
+/* This rank's dispatch failed host-side checks: take part in the count
+ * exchange carrying `code` so peers return DISCO_ERR_REMOTE. */
+void disco_nccl_dispatch_abort(disco_comm_t *comm, disco_handle_t *handle, void *stream,
+                               disco_result_t code);
 disco_result_t disco_nccl_combine(disco_comm_t *comm, disco_handle_t *handle,
                                   const disco_combine_args_t *args);
 

@@ -184,6 +184,7 @@ static const disco_backend_ops_t disco_nccl_ops = {
     .alltoallv = NULL,
     .dispatch = disco_nccl_dispatch,
     .combine = disco_nccl_combine,
+    .dispatch_abort = disco_nccl_dispatch_abort,
     .handle_init = disco_nccl_handle_init,
     .handle_fini = disco_nccl_handle_fini,
     .destroy = disco_nccl_destroy,

@@ -75,7 +75,9 @@ static disco_result_t disco_check_status(disco_comm_t *comm, const int64_t *recv
     disco_result_t code = (disco_result_t)m[DISCO_MSG_CODE];
     char what[160];
     if (code == DISCO_SUCCESS) continue;
-    if (code == DISCO_ERR_DUPLICATE_EXPERT)
+    if (code != DISCO_ERR_DUPLICATE_EXPERT && code != DISCO_ERR_EXPERT_OUT_OF_RANGE)
+      snprintf(what, sizeof(what), "its arguments failed the host-side checks");
+    else if (code == DISCO_ERR_DUPLICATE_EXPERT)
       snprintf(what, sizeof(what),
                "topk_idx[%lld][%lld] = %lld repeats topk_idx[%lld][%lld]",
                (long long)m[DISCO_MSG_ROW], (long long)m[DISCO_MSG_SLOT],
@@ -208,6 +210,70 @@ static disco_result_t disco_post_partials(disco_comm_t *comm, const disco_nccl_p
   return disco_nccl_group_end(comm, fn);
 }
 
+/* Count messages (with each rank's status) to every peer, then the one
+ * read-back of sent and received messages into pl->host_msg; st->done is
+ * recorded after it. */
+static disco_result_t disco_post_counts(disco_comm_t *comm, const disco_nccl_plan_t *pl,
+                                        cudaStream_t stream, const char *fn) {
+  const disco_nccl_state_t *st = comm->backend_state;
+  const disco_kparams_t *p = &st->kp;
+  const int W = comm->world_size, r = comm->rank;
+  const size_t msg_bytes = (size_t)p->msg_len * 8u;
+  int64_t *msg = pl->dev.msg;
+  disco_result_t rc = disco_nccl_nccl(ncclGroupStart(), fn, "ncclGroupStart", r);
+  if (rc != DISCO_SUCCESS) return rc;
+  for (int d = 0; d < W && rc == DISCO_SUCCESS; d++) {
+    if (d == r) continue;
+    rc = disco_nccl_nccl(
+        ncclSend(msg + (int64_t)d * p->msg_len, msg_bytes, ncclChar, d, st->nccl, stream),
+        fn, "ncclSend(counts)", r);
+    if (rc == DISCO_SUCCESS)
+      rc = disco_nccl_nccl(ncclRecv(msg + (int64_t)(W + d) * p->msg_len, msg_bytes,
+                                    ncclChar, d, st->nccl, stream),
+                           fn, "ncclRecv(counts)", r);
+  }
+  if (rc != DISCO_SUCCESS) {
+    ncclGroupEnd(); /* close the group after a failed call inside */
+    return rc;
+  }
+  rc = disco_nccl_group_end(comm, fn);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaMemcpyAsync(pl->host_msg, msg, 2u * (size_t)W * msg_bytes,
+                                         cudaMemcpyDeviceToHost, stream),
+                         fn, "cudaMemcpyAsync(counts)", r);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaEventRecord(st->done, stream), fn, "cudaEventRecord", r);
+  return rc;
+}
+
+void disco_nccl_dispatch_abort(disco_comm_t *comm, disco_handle_t *handle, void *stream_v,
+                               disco_result_t code) {
+  const char *fn = "disco_dispatch";
+  disco_nccl_state_t *st = comm->backend_state;
+  disco_nccl_plan_t *pl = handle->backend_plan;
+  const disco_kparams_t *p = &st->kp;
+  const int W = comm->world_size;
+  cudaStream_t stream = (cudaStream_t)stream_v;
+  if (pl == NULL) return;
+  pl->has_counts = 0;
+  if (cudaSetDevice(st->device) != cudaSuccess) return;
+  /* The peers read this rank's status word and return DISCO_ERR_REMOTE. */
+  int64_t *sent = pl->host_msg;
+  memset(sent, 0, (size_t)W * (size_t)p->msg_len * 8u);
+  for (int d = 0; d < W; d++) {
+    int64_t *m = sent + (int64_t)d * p->msg_len;
+    m[DISCO_MSG_CODE] = code;
+    m[DISCO_MSG_ROW] = m[DISCO_MSG_SLOT] = m[DISCO_MSG_VALUE] = m[DISCO_MSG_PREV] = -1;
+  }
+  if (disco_nccl_cuda(
+          cudaMemcpyAsync(pl->dev.msg, sent, (size_t)W * (size_t)p->msg_len * 8u,
+                          cudaMemcpyHostToDevice, stream),
+          fn, "cudaMemcpyAsync(status)", comm->rank) != DISCO_SUCCESS)
+    return;
+  if (disco_post_counts(comm, pl, stream, fn) == DISCO_SUCCESS)
+    (void)disco_nccl_wait(comm, fn);
+}
+
 disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
                                    const disco_dispatch_args_t *args, int layout_only,
                                    int64_t *num_rows) {
@@ -253,23 +319,8 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
     tail = st->ev_pack;
   }
   if (!reuse) {
-    /* Count messages (with each rank's status) to every peer. */
-    const size_t msg_bytes = (size_t)p->msg_len * 8u;
-    GROUP_START();
-    for (int d = 0; d < W; d++) {
-      if (d == r) continue;
-      CK_NCCL(ncclSend(dp->msg + (int64_t)d * p->msg_len, msg_bytes, ncclChar, d,
-                       st->nccl, stream),
-              "ncclSend(counts)");
-      CK_NCCL(ncclRecv(dp->msg + (int64_t)(W + d) * p->msg_len, msg_bytes, ncclChar, d,
-                       st->nccl, stream),
-              "ncclRecv(counts)");
-    }
-    GROUP_END();
-    CK_CUDA(cudaMemcpyAsync(pl->host_msg, dp->msg, 2u * (size_t)W * msg_bytes,
-                            cudaMemcpyDeviceToHost, stream),
-            "cudaMemcpyAsync(counts)");
-    CK_CUDA(cudaEventRecord(st->done, stream), "cudaEventRecord");
+    rc = disco_post_counts(comm, pl, stream, fn);
+    if (rc != DISCO_SUCCESS) goto done;
     if (layout_only) {
       /* The device plan is (re)made for the actual layout at dispatch. */
       rc = disco_nccl_wait(comm, fn);
@@ -377,7 +428,9 @@ disco_result_t disco_nccl_combine(disco_comm_t *comm, disco_handle_t *handle,
   const size_t wb = wire32 ? (size_t)comm->config.hidden * 4u : comm->row_bytes;
   const char *part = rank_major ? (const char *)args->y : (const char *)p->ws_recv;
   const disco_rowsel_t self = {pl->n_from[r], pl->recv_off[r], INT64_MAX, 0, -1, 0};
-  const int weighted = args->weighted && handle->weighted;
+  /* Weighting follows each token's own rank: rows of a rank that gave no
+   * weights carry 1.0 (packed so), and 1.0f * y == y exactly. */
+  const int weighted = args->weighted;
   disco_result_t rc;
   int forked = 0;
 
