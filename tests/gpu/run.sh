@@ -2,7 +2,7 @@
 # Builds disco on a GPU machine (Release, sm_90) and runs the NCCL backend:
 # the bit-exact suite on 2 GPUs and on all GPUs, once under compute-sanitizer
 # memcheck (small sizes), then the disco-bench sweep. Logs go to $OUT (at most
-# 8 files). usage: tests/gpu/run.sh [all|test|bench]   (env: OUT, BUILD, JOBS)
+# 8 files). usage: tests/gpu/run.sh [all|test|python|bench]   (env: OUT, BUILD, JOBS)
 set -u -o pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-/tmp/disco-gpu-out}
@@ -15,7 +15,7 @@ SUM="$OUT/summary.txt"
 : > "$SUM"
 note() { echo "$*" | tee -a "$SUM"; }
 
-{ date -u; nvidia-smi -L; nvidia-smi topo -m; nvcc --version | tail -2; } > "$OUT/machine.txt" 2>&1
+{ date -u; nvidia-smi -L; nvidia-smi topo -m; nvcc --version | tail -2; } >> "$SUM" 2>&1
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 note "GPUs: $NGPU ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
 
@@ -65,7 +65,26 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
   [ $rc -ne 0 ] && fails=$((fails + 1))
 fi
 
+if [ "$STAGE" = all ] || [ "$STAGE" = python ]; then
+  # The ctypes binding over the nccl backend, one process per GPU (torchrun).
+  t0=$SECONDS
+  DISCO_LIBRARY="$BUILD/libdisco.so" PYTHONPATH="$ROOT/python" PYTHONUNBUFFERED=1 \
+    timeout 150 torchrun --nproc_per_node 2 "$ROOT/tests/gpu/test_python_gpu.py" \
+    > "$OUT/python.log" 2>&1; rc=$?
+  note "python binding W=2 (torchrun): rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/python.log")"
+  [ $rc -ne 0 ] && fails=$((fails + 1)) && tail -30 "$OUT/python.log"
+fi
+
 if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
+  # One process per GPU under mpirun (the multi-process path), checked.
+  t0=$SECONDS
+  OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 90 \
+    mpirun --allow-run-as-root -np "$NGPU" -x NCCL_NVLS_ENABLE "$B" --backend nccl \
+    -t 128,4096 -H 7168 -k 1,8 -e 256 -d bf16 -l expert -n 20 -W 3 --check \
+    > "$OUT/bench-mpi.txt" 2>&1; rc=$?
+  note "bench mpirun -np $NGPU (checked): rc=$rc ($((SECONDS - t0)) s)"
+  [ $rc -ne 0 ] && fails=$((fails + 1))
+  cat "$OUT/bench-mpi.txt"
   t0=$SECONDS
   # The performance targets' shapes (H 7168, E 256, bf16, uniform), both wires.
   timeout 120 "$B" --backend nccl $BW -t 128,4096 -H 7168 -k 1,8 -e 256 -d bf16 -l expert,rank \
