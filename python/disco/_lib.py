@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import importlib.util
 import os
+import sys
 import threading
 from ctypes import (POINTER, c_char_p, c_int, c_int32, c_int64, c_size_t,
                     c_uint32, c_void_p)
@@ -239,12 +241,32 @@ _lib: Optional[ctypes.CDLL] = None
 _lib_path: Optional[str] = None
 
 
+def _load_torch_nccl_first() -> None:
+    """Import torch (if installed) before libdisco pulls in libnccl.so.2.
+
+    A process keeps the first libnccl.so.2 it loads. If libdisco's came first,
+    a torch built against a newer NCCL fails to import (undefined NCCL
+    symbols); with torch's first, libdisco and torch.distributed share one
+    NCCL, which Comm.from_torch needs anyway (the host API is stable across
+    2.28.x). Set DISCO_NO_TORCH_PRELOAD=1 to skip.
+    """
+    if os.environ.get("DISCO_NO_TORCH_PRELOAD") or "torch" in sys.modules:
+        return
+    if importlib.util.find_spec("torch") is None:
+        return
+    try:
+        import torch  # noqa: F401
+    except Exception:  # a broken torch must not break the numpy binding
+        pass
+
+
 def load() -> ctypes.CDLL:
     """Load, declare and version-check libdisco once per process."""
     global _lib, _lib_path
     with _lock:
         if _lib is not None:
             return _lib
+        _load_torch_nccl_first()
         errors = []
         for path in candidate_paths():
             try:
