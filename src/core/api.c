@@ -93,7 +93,6 @@ static disco_result_t dispatch_common(const char *fn, disco_comm_t *comm,
     rc = comm->ops->dispatch(comm, handle, &a, layout_only, &rows);
     if (rc == DISCO_SUCCESS) {
       handle->layout = a.layout;
-      handle->weighted = a.topk_weights != NULL;
       handle->num_tokens = a.num_tokens;
       handle->num_rows = rows;
       handle->data_moved = !layout_only;

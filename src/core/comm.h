@@ -68,7 +68,6 @@ struct disco_comm {
   size_t elem_size;
   size_t row_bytes; /* hidden * elem_size */
   int timeout_ms;
-  uint64_t generation; /* bumped by every successful dispatch (handle matching) */
   void *host_ws; /* host-path workspace (see host_path.c); NULL for device backends */
 };
 
@@ -77,7 +76,6 @@ struct disco_handle {
   int valid;      /* holds a plan from a successful dispatch/dispatch_layout */
   int data_moved; /* a dispatch (not only layout) completed: combine allowed */
   disco_layout_t layout;
-  int weighted;       /* the dispatch had topk_weights */
   int64_t num_tokens; /* T of the dispatch */
   int64_t num_rows;   /* rows received, padding included */
   void *host_plan;    /* host path's plan (host_path.c) */

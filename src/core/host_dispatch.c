@@ -375,7 +375,6 @@ disco_result_t disco_host_dispatch(disco_comm_t *comm, disco_handle_t *handle,
 done:
   p->epoch = ws->call_seq;
   handle->layout = args->layout;
-  handle->weighted = args->topk_weights != NULL;
   handle->num_tokens = args->num_tokens;
   handle->num_rows = rows;
   handle->data_moved = !layout_only;
