@@ -58,6 +58,7 @@ typedef struct disco_kparams {
   size_t row_bytes;
   int32_t *blk_cnt;            /* [B_max, num_cols] */
   unsigned long long *err_key; /* first bad flat slot index, ~0 if none */
+  unsigned *blk_done;          /* layout blocks done (finalize), 0 between calls */
   void *ws_send;               /* [W, M] rows (dispatch send, combine receive) */
   void *ws_recv;               /* [W*M] rows (dispatch receive, combine partials) */
   int32_t *send_meta;          /* [W, M, meta_ints] */
@@ -101,12 +102,10 @@ typedef struct disco_dev_plan {
   float *comb_w;      /* [W*M, K] their weights */
 } disco_dev_plan_t;
 
+/* Layout, then (last block to finish, same launch) finalize. */
 cudaError_t disco_k_layout(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                            const void *topk_idx, int idx64, int64_t num_tokens,
                            cudaStream_t stream);
-cudaError_t disco_k_finalize(const disco_kparams_t *p, const disco_dev_plan_t *pl,
-                             const void *topk_idx, int idx64, int64_t num_tokens,
-                             cudaStream_t stream);
 /* User count outputs may be NULL; they are written only when every rank's
  * status is success and this rank's rows fit `capacity`. */
 cudaError_t disco_k_recv_plan(const disco_kparams_t *p, const disco_dev_plan_t *pl,

@@ -248,7 +248,7 @@ static disco_result_t disco_nccl_setup(disco_comm_t *comm, const char *fn) {
       {(void **)&p->send_meta, st->meta_bytes, "cudaMalloc(send metadata)"},
       {(void **)&p->recv_meta, st->meta_bytes, "cudaMalloc(receive metadata)"},
       {(void **)&p->blk_cnt, bmax * (size_t)p->num_cols * 4u, "cudaMalloc(block counts)"},
-      {(void **)&p->err_key, 8u, "cudaMalloc(error key)"},
+      {(void **)&p->err_key, 16u, "cudaMalloc(error key)"},
   };
   for (size_t i = 0; i < sizeof(allocs) / sizeof(allocs[0]); i++) {
     rc = disco_nccl_cuda(
@@ -256,7 +256,11 @@ static disco_result_t disco_nccl_setup(disco_comm_t *comm, const char *fn) {
         allocs[i].what, comm->rank);
     if (rc != DISCO_SUCCESS) return rc;
   }
+  /* err_key (8 bytes, ~0 = no error), then the layout block counter (0). */
+  p->blk_done = (unsigned *)(p->err_key + 1);
   rc = disco_nccl_cuda(cudaMemset(p->err_key, 0xff, 8u), fn, "cudaMemset", comm->rank);
+  if (rc != DISCO_SUCCESS) return rc;
+  rc = disco_nccl_cuda(cudaMemset(p->blk_done, 0, 8u), fn, "cudaMemset", comm->rank);
   if (rc != DISCO_SUCCESS) return rc;
   cudaEvent_t *evs[] = {&st->done, &st->ev_fork, &st->ev_pack, &st->ev_mid, &st->ev_aux};
   for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++) {
