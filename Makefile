@@ -8,18 +8,21 @@ JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
 BUILD_TYPE ?= RelWithDebInfo
 
-.PHONY: all build deps demo test test-unit test-asan test-tsan test-fuzz format format-check clean
+.PHONY: all build deps deps-build demo test test-unit test-asan test-tsan test-fuzz format format-check clean
 
 all: build
 
 deps:
-	@bash scripts/install-deps.sh
+	@bash scripts/install-deps.sh test
+
+deps-build:
+	@bash scripts/install-deps.sh build
 
 build:
 	cmake -S . -B build -DCMAKE_BUILD_TYPE=$(BUILD_TYPE) -DDISCO_WERROR=ON $(CMAKE_FLAGS)
 	cmake --build build -j $(JOBS)
 
-demo: deps build
+demo: deps-build build
 	@bash scripts/demo.sh build
 
 # The whole suite: normal build (with the CUDA sources compiled when nvcc is
