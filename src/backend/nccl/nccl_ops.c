@@ -13,23 +13,6 @@
     rc = disco_nccl_cuda((call), fn, (what), comm->rank); \
     if (rc != DISCO_SUCCESS) goto done;                   \
   } while (0)
-#define CK_NCCL(call, what)                               \
-  do {                                                    \
-    rc = disco_nccl_nccl((call), fn, (what), comm->rank); \
-    if (rc != DISCO_SUCCESS) goto done;                   \
-  } while (0)
-/* Open a group; `done` closes it if a call inside fails. */
-#define GROUP_START()                            \
-  do {                                           \
-    CK_NCCL(ncclGroupStart(), "ncclGroupStart"); \
-    in_group = 1;                                \
-  } while (0)
-#define GROUP_END()                      \
-  do {                                   \
-    in_group = 0;                        \
-    rc = disco_nccl_group_end(comm, fn); \
-    if (rc != DISCO_SUCCESS) goto done;  \
-  } while (0)
 
 /* Dispatch: packed bytes (tokens x min(K, W) x row bytes) above which the pack
  * is launched before the count exchange rather than after it. */
@@ -297,7 +280,6 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   const int64_t *recv = pl->host_msg + (int64_t)W * p->msg_len;
   disco_result_t rc, cap_rc = DISCO_SUCCESS;
   cudaEvent_t tail = NULL; /* last event recorded on the side stream */
-  int in_group = 0;
   int64_t rows;
 
   CK_CUDA(cudaSetDevice(st->device), "cudaSetDevice");
@@ -417,8 +399,7 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   *num_rows = rows;
   rc = DISCO_SUCCESS;
 done:
-  if (in_group) ncclGroupEnd(); /* after a failed call inside: close it */
-  if (tail != NULL) {           /* join the side stream back into the caller's */
+  if (tail != NULL) { /* join the side stream back into the caller's */
     disco_result_t jr = disco_nccl_cuda(cudaStreamWaitEvent(stream, tail, 0), fn,
                                         "cudaStreamWaitEvent", r);
     if (rc == DISCO_SUCCESS) rc = jr;
