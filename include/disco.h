@@ -172,6 +172,35 @@ DISCO_API disco_result_t disco_comm_get_config(const disco_comm_t *comm,
 /* 1 if buffers passed to this comm are device (CUDA) pointers, else 0. */
 DISCO_API int disco_comm_uses_device_memory(const disco_comm_t *comm);
 
+/* Capabilities of a comm's backend (bit set; 0 for NULL). */
+#define DISCO_CAP_NO_HOST_SYNC 0x1u /* dispatch and combine never wait on the host */
+#define DISCO_CAP_GRAPH 0x2u        /* dispatch + combine capturable in a CUDA graph */
+DISCO_API uint32_t disco_comm_caps(const disco_comm_t *comm);
+
+/* Worst-case rows one dispatch can produce on this comm for `layout` (the
+ * recv_capacity that never overflows): world_size * max_tokens *
+ * min(top_k, num_local_experts) + num_local_experts * (expert_alignment - 1)
+ * for EXPERT_MAJOR, world_size * max_tokens for RANK_MAJOR. Not collective.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (layout or alignment). */
+DISCO_API disco_result_t disco_comm_max_recv_rows(const disco_comm_t *comm,
+                                                  disco_layout_t layout,
+                                                  int32_t expert_alignment,
+                                                  int64_t *rows);
+
+/*
+ * Errors of this comm's earlier device work that the calls themselves could
+ * not return, because they do not wait for the device (backends with
+ * DISCO_CAP_NO_HOST_SYNC: bad expert ids found on the device, CAPACITY,
+ * REMOTE, TIMEOUT). Returns the first such error since the last check (its
+ * message in disco_last_error()) and forgets it, or DISCO_SUCCESS. A TIMEOUT
+ * (or INTERNAL) is fatal: it stays, and every later call returns it at once.
+ * wait != 0: first waits, at most the comm's timeout_ms, until the device has
+ * finished the comm's last enqueued (not graph-captured) call. Not
+ * collective. Host backends and the nccl backend report every error from the
+ * call itself, and this returns DISCO_SUCCESS.
+ */
+DISCO_API disco_result_t disco_comm_check(disco_comm_t *comm, int32_t wait);
+
 /* A handle holds one dispatch's routing plan for the matching combine. Its
  * memory is sized from the config here, never per call. Not collective. */
 DISCO_API disco_result_t disco_handle_create(disco_comm_t *comm, disco_handle_t **handle);

@@ -68,6 +68,33 @@ DISCO_API disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm,
                                                 const disco_config_t *config,
                                                 disco_comm_t **comm);
 
+/*
+ * Device-initiated backend ("nccl_device"): kernels store tokens straight
+ * into the peers' receive windows over NVLink (NCCL symmetric memory and its
+ * device API, NCCL >= 2.28, built and run against the same NCCL), and
+ * counts, offsets and completion flags travel on the device. dispatch and
+ * combine never wait on the host and can be captured in a CUDA graph
+ * (DISCO_CAP_NO_HOST_SYNC | DISCO_CAP_GRAPH); disco_dispatch_layout still
+ * reads counts back once.
+ * Collective over nccl_comm, like disco_comm_create_nccl, plus: every rank
+ * must be load-store accessible from every other (one NVLink domain); else
+ * NOT_SUPPORTED (use disco_comm_create_nccl). Allocates, at creation, one
+ * symmetric window of about world_size * max_tokens * (hidden * (elem_size +
+ * wire bytes)) per rank. Never requests NVLink multicast (NVLS).
+ * Errors found on the device (bad expert ids, CAPACITY, REMOTE) are not
+ * returned by the call that meets them: read them with disco_comm_check().
+ * Every device wait is bounded by config->timeout_ms; on expiry the kernel
+ * exits, the comm latches DISCO_ERR_TIMEOUT naming the missing peer, and
+ * every later call returns it. disco_comm_destroy on this backend is
+ * collective (it deregisters the window) unless a TIMEOUT is latched, in which
+ * case the window is left to the caller's ncclCommAbort/ncclCommDestroy.
+ * Errors: as disco_comm_create_nccl, plus NOT_SUPPORTED (NCCL older than
+ * 2.28, header and library versions differ, peers outside the LSA team).
+ */
+DISCO_API disco_result_t disco_comm_create_nccl_device(ncclComm_t nccl_comm,
+                                                       const disco_config_t *config,
+                                                       disco_comm_t **comm);
+
 #ifdef __cplusplus
 }
 #endif

@@ -85,7 +85,10 @@ static disco_result_t dispatch_common(const char *fn, disco_comm_t *comm,
   }
   if (comm->ops->dispatch != NULL) {
     if (rc != DISCO_SUCCESS) {
-      if (own && comm->ops->dispatch_abort != NULL && !dispatch_reuses(args))
+      /* A REUSE_LAYOUT call exchanges nothing on the nccl backend; on a
+       * no-host-sync backend it is a full round the peers wait for. */
+      if (own && comm->ops->dispatch_abort != NULL &&
+          (!dispatch_reuses(args) || (comm->ops->caps & DISCO_CAP_NO_HOST_SYNC)))
         device_abort(comm, handle, args, rc);
       return rc;
     }
@@ -141,7 +144,24 @@ disco_result_t disco_combine(disco_comm_t *comm, disco_handle_t *handle,
   rc = disco_validate_combine_args(fn, comm, args, &a);
   if (rc == DISCO_SUCCESS) rc = disco_validate_combine_handle(fn, comm, handle, &a);
   if (comm->ops->combine != NULL) {
-    if (rc != DISCO_SUCCESS) return rc;
+    if (rc != DISCO_SUCCESS) {
+      /* Peers of a no-host-sync backend would wait for this rank's partials
+       * until their timeout: tell them (only where our handle can). */
+      if (comm->ops->combine_abort != NULL && handle != NULL && handle->comm == comm &&
+          handle->valid && handle->data_moved) {
+        char msg[512];
+        snprintf(msg, sizeof(msg), "%s", disco_last_error());
+        comm->ops->combine_abort(
+            comm, handle,
+            args != NULL && args->magic == DISCO_COMBINE_ARGS_MAGIC &&
+                    args->size >= offsetof(disco_combine_args_t, stream) + sizeof(void *)
+                ? args->stream
+                : NULL,
+            rc);
+        disco_error(rc, "%s", msg);
+      }
+      return rc;
+    }
     return comm->ops->combine(comm, handle, &a);
   }
   if (comm->host_ws == NULL || comm->ops->alltoall == NULL ||

@@ -87,6 +87,44 @@ int disco_comm_uses_device_memory(const disco_comm_t *comm) {
   return comm != NULL && comm->ops != NULL && comm->ops->device_memory ? 1 : 0;
 }
 
+uint32_t disco_comm_caps(const disco_comm_t *comm) {
+  return comm != NULL && comm->ops != NULL ? comm->ops->caps : 0u;
+}
+
+disco_result_t disco_comm_max_recv_rows(const disco_comm_t *comm, disco_layout_t layout,
+                                        int32_t expert_alignment, int64_t *rows) {
+  static const char fn[] = "disco_comm_max_recv_rows";
+  disco_error_clear();
+  if (comm == NULL) return disco_error(DISCO_ERR_NULL_POINTER, "%s: comm is NULL", fn);
+  if (rows == NULL)
+    return disco_error(DISCO_ERR_NULL_POINTER, "%s: rows is NULL on rank %d", fn,
+                       comm->rank);
+  if (layout != DISCO_LAYOUT_EXPERT_MAJOR && layout != DISCO_LAYOUT_RANK_MAJOR)
+    return disco_error(DISCO_ERR_INVALID_ARGUMENT, "%s: layout = %d on rank %d", fn,
+                       (int)layout, comm->rank);
+  if (expert_alignment < 0)
+    return disco_error(DISCO_ERR_INVALID_ARGUMENT,
+                       "%s: expert_alignment = %d < 0 on rank %d", fn,
+                       (int)expert_alignment, comm->rank);
+  const int64_t W = comm->world_size, M = comm->config.max_tokens,
+                L = comm->num_local_experts, K = comm->config.top_k;
+  if (layout == DISCO_LAYOUT_RANK_MAJOR) {
+    *rows = W * M;
+  } else {
+    const int64_t a = expert_alignment > 1 ? expert_alignment : 1;
+    *rows = W * M * (K < L ? K : L) + L * (a - 1);
+  }
+  return DISCO_SUCCESS;
+}
+
+disco_result_t disco_comm_check(disco_comm_t *comm, int32_t wait) {
+  disco_error_clear();
+  if (comm == NULL)
+    return disco_error(DISCO_ERR_NULL_POINTER, "disco_comm_check: comm is NULL");
+  if (comm->ops == NULL || comm->ops->check == NULL) return DISCO_SUCCESS;
+  return comm->ops->check(comm, wait);
+}
+
 disco_result_t disco_handle_create(disco_comm_t *comm, disco_handle_t **handle) {
   disco_result_t rc = DISCO_SUCCESS;
   disco_handle_t *h = NULL;
@@ -139,6 +177,12 @@ disco_result_t disco_handle_num_recv_rows(const disco_handle_t *handle,
                        "disco_handle_num_recv_rows: handle holds no successful dispatch "
                        "on rank %d",
                        handle->comm != NULL ? handle->comm->rank : -1);
+  if (handle->num_rows < 0)
+    return disco_error(DISCO_ERR_INVALID_USAGE,
+                       "disco_handle_num_recv_rows: backend '%s' keeps the row count in "
+                       "device memory only (args->num_recv_rows of the dispatch) on rank "
+                       "%d",
+                       disco_comm_backend(handle->comm), handle->comm->rank);
   *num_rows = handle->num_rows;
   return DISCO_SUCCESS;
 }

@@ -55,6 +55,16 @@ typedef struct disco_backend_ops {
   disco_result_t (*handle_init)(disco_comm_t *comm, disco_handle_t *handle);
   void (*handle_fini)(disco_comm_t *comm, disco_handle_t *handle);
 
+  /* Backends that do not wait on the device (nccl_device): DISCO_CAP_* bits,
+   * and the latched device errors for disco_comm_check. NULL: 0 / success. */
+  uint32_t caps;
+  disco_result_t (*check)(disco_comm_t *comm, int wait);
+  /* This rank's combine failed the host-side checks with `code`: let the
+   * peers learn it (they report DISCO_ERR_REMOTE) instead of timing out.
+   * NULL: not needed or not possible. */
+  void (*combine_abort)(disco_comm_t *comm, disco_handle_t *handle, void *stream,
+                        disco_result_t code);
+
   void (*destroy)(disco_comm_t *comm); /* frees backend_state only */
 } disco_backend_ops_t;
 
@@ -77,7 +87,8 @@ struct disco_handle {
   int data_moved; /* a dispatch (not only layout) completed: combine allowed */
   disco_layout_t layout;
   int64_t num_tokens; /* T of the dispatch */
-  int64_t num_rows;   /* rows received, padding included */
+  int64_t num_rows;   /* rows received, padding included; -1: only on the device
+                         (backends without host sync) */
   void *host_plan;    /* host path's plan (host_path.c) */
   void *backend_plan; /* device backend's plan */
 };

@@ -188,6 +188,7 @@ disco_result_t disco_validate_combine_handle(const char *fn, const disco_comm_t 
         DISCO_ERR_NULL_POINTER,
         "%s: args->y is NULL but the dispatch received %lld rows on rank %d", fn,
         (long long)handle->num_rows, rank);
+  /* num_rows < 0: the count lives on the device, which checks y_rows itself. */
   if (args->y_rows >= 0 && args->y_rows < handle->num_rows)
     return disco_error(DISCO_ERR_CAPACITY,
                        "%s: args->y_rows = %lld but the dispatch received %lld rows on "

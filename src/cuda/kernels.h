@@ -63,7 +63,29 @@ typedef struct disco_kparams {
   void *ws_recv;               /* [W*M] rows (dispatch receive, combine partials) */
   int32_t *send_meta;          /* [W, M, meta_ints] */
   int32_t *recv_meta;          /* [W*M, meta_ints] */
+  /* nccl_device backend (0 / NULL on nccl): received rows and metadata sit
+   * in per-source slots, row j of source s at index s * M + j of ws_recv /
+   * recv_meta (self included); the row count is known on the device only, so
+   * kernels read it there; data kernels do nothing unless the plan's `go` is
+   * set; the receive plan latches its errors into the mapped host record
+   * `lerr` (DISCO_LATCH_*) instead of returning them. */
+  int slotted;
+  unsigned long long *lerr;
 } disco_kparams_t;
+
+/* Latched error record (8 words of mapped host memory, written by the
+ * device, read by disco_comm_check): word 0 is the code, written last. */
+enum {
+  DISCO_LATCH_CODE = 0,
+  DISCO_LATCH_RANK = 1, /* offending / missing rank */
+  DISCO_LATCH_CALL = 2, /* DISCO_CALL_* << 32 | call sequence number (low bits) */
+  DISCO_LATCH_A = 3,    /* details: row / rows / phase */
+  DISCO_LATCH_B = 4,    /* slot / capacity */
+  DISCO_LATCH_C = 5,    /* value */
+  DISCO_LATCH_D = 6,    /* earlier slot (duplicates) / peer's code */
+  DISCO_LATCH_WORDS = 8
+};
+enum { DISCO_CALL_DISPATCH = 1, DISCO_CALL_COMBINE = 2, DISCO_CALL_LAYOUT = 3 };
 
 /* A selection of received-token rows. chunk < 0: row j of the launch is
  * received token base + j, skipping gap_len rows at j >= gap_at (the self
@@ -97,6 +119,7 @@ typedef struct disco_dev_plan {
   int64_t *srcbase;   /* [W, E_loc] first row of (source, expert) in recv_x */
   int64_t *num_rows;  /* [1] */
   int32_t *ok;        /* [1] every rank's status is success */
+  int32_t *go;        /* [1] ok and this rank's outputs hold its rows (slotted) */
   int32_t *comb_rows; /* [W*M, K] recv_x rows of a received token, experts
                          ascending, -1 after the last */
   float *comb_w;      /* [W*M, K] their weights */
@@ -117,6 +140,7 @@ cudaError_t disco_k_recv_plan(const disco_kparams_t *p, const disco_dev_plan_t *
 cudaError_t disco_k_pack(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                          const void *x, const float *weights, int64_t num_tokens,
                          int rank_major, cudaStream_t stream);
+/* sel.n < 0 (slotted): every received token, counted on the device. */
 cudaError_t disco_k_expand_expert(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                                   const void *x, disco_rowsel_t sel, void *recv_x,
                                   int32_t *src_rank, int32_t *src_token, int32_t *expert,
@@ -124,8 +148,11 @@ cudaError_t disco_k_expand_expert(const disco_kparams_t *p, const disco_dev_plan
 cudaError_t disco_k_padding(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                             void *recv_x, int32_t *src_rank, int32_t *src_token,
                             int32_t *expert, float *weight, cudaStream_t stream);
+/* Metadata of RANK_MAJOR rows (the nccl backend received the data in place;
+ * slotted: the rows are copied out of the slots into recv_x too).
+ * recv_tokens < 0: the count on the device (slotted). */
 cudaError_t disco_k_expand_rank(const disco_kparams_t *p, const disco_dev_plan_t *pl,
-                                int64_t recv_tokens, int32_t *src_rank,
+                                int64_t recv_tokens, void *recv_x, int32_t *src_rank,
                                 int32_t *src_token, int32_t *expert, float *weight,
                                 cudaStream_t stream);
 /* Expert side of an EXPERT_MAJOR combine: partials [recv_tokens, H] of

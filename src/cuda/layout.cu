@@ -8,6 +8,7 @@
  * of the lower lanes. Warps of a block are scanned per column, blocks by the
  * last block to finish (finalize, in the same launch). */
 #include "cuda/kernels.h"
+#include "cuda/recv_plan.cuh"
 
 #define DISCO_LAYOUT_THREADS_MAX 256
 #define DISCO_SMALL_THREADS 512
@@ -159,65 +160,11 @@ extern "C" cudaError_t disco_k_layout(const disco_kparams_t *p,
   return cudaGetLastError();
 }
 
-/* One block: receive offsets and expert groups from the received messages. */
 __global__ void disco_recv_plan_kernel(disco_kparams_t p, disco_dev_plan_t pl, int layout,
                                        int align, int32_t *n_to, int32_t *n_from,
                                        int32_t *tpe, int64_t *num_rows_out,
                                        long long cap) {
-  const int W = p.world, L = p.num_local, ml = p.msg_len;
-  const int64_t *send = pl.msg, *recv = pl.msg + (long long)W * ml;
-  const int expert_major = layout == DISCO_LAYOUT_EXPERT_MAJOR;
-  __shared__ int ok;
-  __shared__ long long rows;
-  if (threadIdx.x == 0) ok = 1;
-  __syncthreads();
-  for (int s = threadIdx.x; s < W; s += blockDim.x)
-    if (recv[(long long)s * ml + DISCO_MSG_CODE] != 0) ok = 0;
-  for (int l = threadIdx.x; l < L; l += blockDim.x) {
-    long long acc = 0;
-    for (int s = 0; s < W; s++) {
-      pl.srcbase[(long long)s * L + l] = acc; /* group start added below */
-      acc += recv[(long long)s * ml + DISCO_MSG_COUNTS + l];
-    }
-    pl.exp_total[l] = acc;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    long long off = 0;
-    for (int s = 0; s < W; s++) {
-      pl.recv_off[s] = off;
-      off += recv[(long long)s * ml + DISCO_MSG_TOKENS];
-    }
-    pl.recv_off[W] = off;
-    rows = off;
-    if (expert_major) {
-      long long e = 0;
-      for (int l = 0; l < L; l++) {
-        pl.exp_off[l] = e;
-        long long n = pl.exp_total[l];
-        if (align > 1) n = (n + align - 1) / align * align;
-        e += n;
-      }
-      pl.exp_off[L] = e;
-      rows = e;
-    }
-    *pl.num_rows = rows;
-    *pl.ok = ok;
-  }
-  __syncthreads();
-  const int out = ok && rows <= cap; /* nothing reaches the caller on failure */
-  if (out && threadIdx.x == 0 && num_rows_out) *num_rows_out = rows;
-  for (int s = threadIdx.x; out && s < W; s += blockDim.x) {
-    if (n_to) n_to[s] = (int32_t)send[(long long)s * ml + DISCO_MSG_TOKENS];
-    if (n_from) n_from[s] = (int32_t)recv[(long long)s * ml + DISCO_MSG_TOKENS];
-  }
-  for (int l = threadIdx.x; l < L; l += blockDim.x) {
-    long long start = expert_major ? pl.exp_off[l] : 0;
-    for (int s = 0; s < W; s++) pl.srcbase[(long long)s * L + l] += start;
-    if (tpe && out)
-      tpe[l] =
-          (int32_t)(expert_major ? pl.exp_off[l + 1] - pl.exp_off[l] : pl.exp_total[l]);
-  }
+  disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap, 0);
 }
 
 extern "C" cudaError_t disco_k_recv_plan(const disco_kparams_t *p,

@@ -26,6 +26,16 @@ void gw_world_fini(gw_world_t *w) {
   pthread_barrier_destroy(&w->barrier);
 }
 
+void gw_world_abort(gw_world_t *w) {
+  for (int i = 0; i < w->world; i++) {
+    cudaSetDevice(w->devices[i]);
+    ncclResult_t r = ncclCommAbort(w->nccl[i]);
+    if (r != ncclSuccess)
+      fprintf(stderr, "ncclCommAbort(rank %d): %s\n", i, ncclGetErrorString(r));
+  }
+  pthread_barrier_destroy(&w->barrier);
+}
+
 typedef struct gw_thread {
   void (*fn)(int, void *);
   void *arg;

@@ -34,6 +34,9 @@ typedef struct gw_inputs {
 
 int gw_world_init(gw_world_t *w, int world);
 void gw_world_fini(gw_world_t *w);
+/* Like gw_world_fini, but ncclCommAbort()s the comms (for a world whose
+ * collectives may be stuck, e.g. after a disco TIMEOUT). */
+void gw_world_abort(gw_world_t *w);
 /* Runs fn(rank, arg) on one thread per rank; returns when all are done. */
 void gw_run(gw_world_t *w, void (*fn)(int, void *), void *arg);
 

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Builds disco on a GPU machine (Release, sm_90) and runs the NCCL backend:
-# the bit-exact suite on 2 GPUs and on all GPUs, once under compute-sanitizer
-# memcheck (small sizes), then the disco-bench sweep. Logs go to $OUT (at most
-# 8 files). usage: tests/gpu/run.sh [all|test|python|bench]   (env: OUT, BUILD, JOBS)
+# Builds disco on a GPU machine (Release, sm_90) and runs the GPU backends:
+# the bit-exact suite (test_nccl) on 2 GPUs and on all GPUs, once under
+# compute-sanitizer memcheck (small sizes), for nccl and then for nccl_device
+# (DISCO_TEST_BACKEND=nccl_device, plus racecheck and test_nd: CUDA graph
+# replays, a rank that skips a call), then the disco-bench sweep with both
+# backends side by side. Logs go to $OUT (at most 8 files).
+# usage: tests/gpu/run.sh [all|test|nd|python|bench]   (env: OUT, BUILD, JOBS)
+# (nd: only the nccl_device part of `test`)
 set -u -o pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-/tmp/disco-gpu-out}
@@ -26,9 +30,31 @@ rc=$?
 note "build: rc=$rc ($((SECONDS - t0)) s)"
 if [ $rc -ne 0 ]; then tail -40 "$OUT/build.log"; exit 1; fi
 T="$BUILD/tests/gpu/test_nccl"
+ND="$BUILD/tests/gpu/test_nd"
 B="$BUILD/tools/disco-bench/disco-bench"
 fails=0
 BW="" # disco-bench world: all GPUs unless the all-GPU suite failed
+
+# step NAME LOG LIMIT CMD...: runs CMD under `timeout LIMIT`, appends its output
+# to LOG, notes rc, seconds, the sanitizer summary if any and the last line,
+# shows this run's FAIL lines and counts a failure. Returns CMD's rc.
+step() {
+  local name=$1 log=$2 lim=$3 tmp rc sum t0=$SECONDS
+  shift 3
+  tmp=$(mktemp)
+  echo "### $name: $*" >> "$log"
+  timeout "$lim" "$@" > "$tmp" 2>&1; rc=$?
+  cat "$tmp" >> "$log"
+  sum=$(grep -m1 'ERROR SUMMARY' "$tmp")
+  note "$name: rc=$rc ($((SECONDS - t0)) s): ${sum:+$sum }$(tail -1 "$tmp")"
+  if [ $rc -ne 0 ]; then
+    fails=$((fails + 1))
+    grep -m 30 -E 'FAIL|=+ (Invalid|Race|Error|Warning|Program)' "$tmp"
+    [ $rc -eq 124 ] && note "$name: hung (killed after $lim s)"
+  fi
+  rm -f "$tmp"
+  return $rc
+}
 
 if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
   t0=$SECONDS
@@ -65,6 +91,23 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
   [ $rc -ne 0 ] && fails=$((fails + 1))
 fi
 
+if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
+  # nccl_device: the same bit-exact table (errors found on the device read
+  # through disco_comm_check), sanitizers at W=2 (racecheck: intra-GPU shared
+  # memory hazards, a few cases), then test_nd (graph replays, skip-a-call).
+  step "nccl_device test W=2" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device "$T" --world 2
+  if [ "$NGPU" -gt 2 ]; then
+    step "nccl_device test W=$NGPU" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device \
+      "$T" --world "$NGPU"
+  fi
+  step "nccl_device memcheck W=2 --small" "$OUT/memcheck.log" 150 env DISCO_TEST_BACKEND=nccl_device \
+    compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small
+  step "nccl_device racecheck W=2 --small basic" "$OUT/memcheck.log" 200 env DISCO_TEST_BACKEND=nccl_device \
+    compute-sanitizer --tool racecheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small \
+    --filter basic
+  step "test_nd (graph, timeout) W=$NGPU" "$OUT/test.log" 150 "$ND"
+fi
+
 if [ "$STAGE" = all ] || [ "$STAGE" = python ]; then
   # The ctypes binding over the nccl backend, one process per GPU (torchrun).
   t0=$SECONDS
@@ -84,20 +127,38 @@ if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
     > "$OUT/bench-mpi.txt" 2>&1; rc=$?
   note "bench mpirun -np $NGPU (checked): rc=$rc ($((SECONDS - t0)) s)"
   [ $rc -ne 0 ] && fails=$((fails + 1))
+  # nccl_device, one process per GPU (its windows mapped across processes).
+  t0=$SECONDS
+  echo "# --- nccl_device, mpirun" >> "$OUT/bench-mpi.txt"
+  OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 timeout 90 \
+    mpirun --allow-run-as-root -np "$NGPU" -x NCCL_NVLS_ENABLE "$B" --backend nccl_device \
+    -t 128,4096 -H 7168 -k 1,8 -e 256 -d bf16 -l expert -n 20 -W 3 --check \
+    >> "$OUT/bench-mpi.txt" 2>&1; rc=$?
+  note "bench nccl_device mpirun -np $NGPU (checked): rc=$rc ($((SECONDS - t0)) s)"
+  [ $rc -ne 0 ] && fails=$((fails + 1))
   cat "$OUT/bench-mpi.txt"
   t0=$SECONDS
-  # The performance targets' shapes (H 7168, E 256, bf16, uniform), both wires.
-  timeout 120 "$B" --backend nccl $BW -t 128,4096 -H 7168 -k 1,8 -e 256 -d bf16 -l expert,rank \
-    -r uniform -c fp32,dtype -n 30 -W 5 --no-check --json "$OUT/bench.json" \
+  # The performance targets' shapes (H 7168, E 256, bf16, uniform), both wires,
+  # nccl and nccl_device side by side (one row each per case). Should the pair
+  # fail (nccl_device is new), nccl's table is rerun alone after it.
+  timeout 150 "$B" --backend nccl,nccl_device $BW -t 128,4096 -H 7168 -k 1,8 -e 256 -d bf16 \
+    -l expert,rank -r uniform -c fp32,dtype -n 30 -W 5 --no-check --json "$OUT/bench.json" \
     > "$OUT/bench.txt" 2>&1; rc=$?
+  if [ $rc -ne 0 ]; then
+    note "bench nccl,nccl_device: rc=$rc; nccl alone follows"
+    echo "# --- nccl alone (the nccl,nccl_device run failed: rc=$rc)" >> "$OUT/bench.txt"
+    timeout 120 "$B" --backend nccl $BW -t 128,4096 -H 7168 -k 1,8 -e 256 -d bf16 -l expert,rank \
+      -r uniform -c fp32,dtype -n 30 -W 5 --no-check --json "$OUT/bench.json" \
+      >> "$OUT/bench.txt" 2>&1
+  fi
   echo "# --- same, EXPERT_MAJOR, combine without pipelined halves (DISCO_NCCL_SPLIT_BYTES=huge)" >> "$OUT/bench.txt"
   DISCO_NCCL_SPLIT_BYTES=1000000000000 timeout 60 "$B" --backend nccl $BW -t 128,4096 -H 7168 \
     -k 1,8 -e 256 -d bf16 -l expert -r uniform -c fp32,dtype -n 30 -W 5 --no-check \
     >> "$OUT/bench.txt" 2>&1 || rc=$?
-  timeout 45 "$B" --backend nccl $BW -t 4096 -H 4096 -k 2 -e 8 -d bf16 -l expert,rank \
-    -r uniform -c fp32,dtype -n 30 -W 5 --no-check >> "$OUT/bench.txt" 2>&1 || rc=$?
-  timeout 90 "$B" --backend nccl $BW -t 1024,4096 -H 7168 -k 8 -e 256 -d bf16 -l expert,rank \
-    -r uniform,zipf:1.2 -c fp32,dtype -n 5 -W 2 --check >> "$OUT/bench.txt" 2>&1 || rc=$?
+  timeout 60 "$B" --backend nccl,nccl_device $BW -t 4096 -H 4096 -k 2 -e 8 -d bf16 \
+    -l expert,rank -r uniform -c fp32,dtype -n 30 -W 5 --no-check >> "$OUT/bench.txt" 2>&1 || rc=$?
+  timeout 150 "$B" --backend nccl,nccl_device $BW -t 1024,4096 -H 7168 -k 8 -e 256 -d bf16 \
+    -l expert,rank -r uniform,zipf:1.2 -c fp32,dtype -n 5 -W 2 --check >> "$OUT/bench.txt" 2>&1 || rc=$?
   note "bench: rc=$rc ($((SECONDS - t0)) s)"
   cat "$OUT/bench.txt"
 fi

@@ -1,6 +1,11 @@
 /* GPU backend test: disco dispatch/combine over NCCL on every visible GPU
  * (and on 2 of them), compared bit for bit with disco_ref.
  * usage: test_nccl [--world N] [--small] [--filter SUBSTR]
+ * env DISCO_TEST_BACKEND: nccl (default) or nccl_device. On nccl_device,
+ * dispatch and combine return once enqueued and errors found on the device
+ * come from disco_comm_check(comm, 1), which this test calls after every
+ * call that returned DISCO_SUCCESS and takes as the call's outcome; the
+ * expected codes are the same on both backends.
  * Prints SKIP and exits 0 only when there is no GPU. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,6 +14,10 @@
 #include "core/dtype.h"
 #include "disco_nccl.h"
 #include "gpu_world.h"
+
+/* Backend under test (DISCO_TEST_BACKEND), set once in main. */
+static int g_nd;
+static const char *g_backend = "nccl";
 
 enum { PLAIN, LAYOUT, REPEAT, REDISPATCH };
 /* INJ_HOST: rank 0 passes a misaligned x, an error found on the host before
@@ -117,7 +126,7 @@ typedef struct tctx {
 static void fail(tctx_t *x, int r, const char *fmt, const char *a, long long b,
                  long long c) {
   pthread_mutex_lock(&x->mu);
-  printf("FAIL [%s W=%d] rank %d: ", x->c->name, x->gw->world, r);
+  printf("FAIL [%s W=%d %s] rank %d: ", x->c->name, x->gw->world, g_backend, r);
   printf(fmt, a, b, c);
   printf("\n");
   x->failures++;
@@ -163,6 +172,29 @@ static void untouched(tctx_t *x, int r, const char *what, const void *dev, size_
     }
 }
 
+/* Outcome of a collective call that returned rc, with its message in msg.
+ * nccl_device returns DISCO_SUCCESS once the call is enqueued; its errors
+ * found on the device (bad ids, CAPACITY, REMOTE, TIMEOUT) come from
+ * disco_comm_check, which waits for the call. An error the call returned
+ * itself (found on the host) must not come back from the check as well. */
+static disco_result_t outcome(tctx_t *x, int r, disco_comm_t *comm, disco_result_t rc,
+                              char *msg, size_t n) {
+  snprintf(msg, n, "%s", disco_last_error());
+  if (!g_nd) return rc;
+  if (rc == DISCO_SUCCESS) {
+    rc = disco_comm_check(comm, 1);
+    snprintf(msg, n, "%s", disco_last_error());
+  } else if (rc != DISCO_ERR_TIMEOUT) { /* TIMEOUT is sticky: it does come back */
+    disco_result_t again = disco_comm_check(comm, 1);
+    if (again != DISCO_SUCCESS)
+      fail(x, r,
+           "disco_comm_check after a call that failed on the host: %s (%lld), "
+           "the call returned %lld",
+           disco_last_error(), again, rc);
+  }
+  return rc;
+}
+
 typedef struct dbuf {
   void *x, *idx, *w, *rx, *y, *out;
   int32_t *sr, *st, *ex, *nto, *nfrom, *tpe;
@@ -186,8 +218,18 @@ static void rank_body(int r, void *arg) {
   dbuf_t d;
   memset(&d, 0, sizeof(d));
   CUDA(cudaStreamCreate(&stream));
-  disco_result_t rc = disco_comm_create_nccl(x->gw->nccl[r], cfg, &comm);
+  char msg[1024];
+  disco_result_t rc = g_nd ? disco_comm_create_nccl_device(x->gw->nccl[r], cfg, &comm)
+                           : disco_comm_create_nccl(x->gw->nccl[r], cfg, &comm);
   if (rc != DISCO_SUCCESS) fail(x, r, "create: %s %lld %lld", disco_last_error(), rc, 0);
+  if (comm != NULL) {
+    const uint32_t caps = disco_comm_caps(comm),
+                   both = DISCO_CAP_NO_HOST_SYNC | DISCO_CAP_GRAPH;
+    if (strcmp(disco_comm_backend(comm), g_backend) != 0)
+      fail(x, r, "backend name '%s' %lld %lld", disco_comm_backend(comm), 0, 0);
+    if (g_nd ? (caps & both) != both : (caps & DISCO_CAP_NO_HOST_SYNC) != 0)
+      fail(x, r, "disco_comm_caps = %s0x%llx %lld", "", (long long)caps, 0);
+  }
   if (comm && disco_handle_create(comm, &h) != DISCO_SUCCESS)
     fail(x, r, "handle: %s %lld %lld", disco_last_error(), 0, 0);
   CUDA(cudaMalloc(&d.x, (size_t)M * rb + 16));
@@ -310,11 +352,10 @@ static void rank_body(int r, void *arg) {
         a.recv_capacity = rows; /* exact outputs */
         a.flags = DISCO_DISPATCH_REUSE_LAYOUT;
       }
-      rc = disco_dispatch(comm, h, &a);
+      rc = outcome(x, r, comm, disco_dispatch(comm, h, &a), msg, sizeof(msg));
       CUDA(cudaStreamSynchronize(stream));
       if (rc != want)
-        fail(x, r, "dispatch returned %s (%lld), expected %lld", disco_last_error(), rc,
-             want);
+        fail(x, r, "dispatch returned %s (%lld), expected %lld", msg, rc, want);
       if (rc == DISCO_SUCCESS) {
         int64_t nrows = -1;
         CUDA(cudaMemcpy(&nrows, d.nrows, 8, cudaMemcpyDeviceToHost));
@@ -334,9 +375,8 @@ static void rank_body(int r, void *arg) {
         untouched(x, r, "recv_src_rank", d.sr, (size_t)cap_max * 4);
         untouched(x, r, "n_tokens_from_rank", d.nfrom, (size_t)W * 4);
         untouched(x, r, "num_recv_rows", d.nrows, 8);
-        if (rc != DISCO_SUCCESS && strstr(disco_last_error(), "rank") == NULL)
-          fail(x, r, "error message names no rank: %s %lld %lld", disco_last_error(), 0,
-               0);
+        if (rc != DISCO_SUCCESS && strstr(msg, "rank") == NULL)
+          fail(x, r, "error message names no rank: %s %lld %lld", msg, 0, 0);
       }
     }
     /* Combine, unless this round was meant to fail somewhere. */
@@ -358,10 +398,9 @@ static void rank_body(int r, void *arg) {
       ca.weighted = c->cweighted;
       ca.stream = stream;
       for (int rep = 0; rep < 2; rep++) { /* a handle combines more than once */
-        rc = disco_combine(comm, h, &ca);
+        rc = outcome(x, r, comm, disco_combine(comm, h, &ca), msg, sizeof(msg));
         CUDA(cudaStreamSynchronize(stream));
-        if (rc != DISCO_SUCCESS)
-          fail(x, r, "combine: %s %lld %lld", disco_last_error(), rc, 0);
+        if (rc != DISCO_SUCCESS) fail(x, r, "combine: %s %lld %lld", msg, rc, 0);
       }
       void *exp = malloc((size_t)(T > 0 ? T : 1) * rb);
       if (disco_ref_combine(cfg, W, r, x->in.in, c->layout, c->align, x->ys, c->cweighted,
@@ -421,14 +460,14 @@ static int run_world(int world, int small, const char *filter) {
     cfg.timeout_ms = 20000;
     x.cfg = cfg;
     gw_run(&gw, rank_body, &x);
-    printf("%s [W=%d] %s\n", x.failures ? "FAIL" : "ok  ", world, c->name);
+    printf("%s [W=%d %s] %s\n", x.failures ? "FAIL" : "ok  ", world, g_backend, c->name);
     fflush(stdout);
     failures += x.failures != 0;
     ran++;
     pthread_mutex_destroy(&x.mu);
   }
   gw_world_fini(&gw);
-  printf("W=%d: %d cases, %d failed\n", world, ran, failures);
+  printf("W=%d %s: %d cases, %d failed\n", world, g_backend, ran, failures);
   return failures;
 }
 
@@ -447,6 +486,16 @@ int main(int argc, char **argv) {
       return 2;
     }
   }
+  const char *be = getenv("DISCO_TEST_BACKEND");
+  if (be != NULL && *be != '\0') {
+    if (!strcmp(be, "nccl_device")) {
+      g_nd = 1;
+      g_backend = "nccl_device";
+    } else if (strcmp(be, "nccl") != 0) {
+      fprintf(stderr, "DISCO_TEST_BACKEND=%s: expected nccl or nccl_device\n", be);
+      return 2;
+    }
+  }
   cudaError_t e = cudaGetDeviceCount(&ngpu);
   if (e != cudaSuccess) ngpu = 0;
   if (ngpu == 0) {
@@ -454,6 +503,8 @@ int main(int argc, char **argv) {
     return 0;
   }
   if (ngpu > 64) ngpu = 64;
+  printf("test_nccl: backend %s, %d GPU(s)%s%s%s\n", g_backend, ngpu,
+         small ? ", --small" : "", filter ? ", --filter " : "", filter ? filter : "");
   if (world > 0) {
     if (world > ngpu) {
       printf("FAIL: --world %d but %d GPUs\n", world, ngpu);

@@ -80,6 +80,14 @@ static double timed_loop(rank_ctx_t *c, const char *what, op_fn fn, void *arg) {
   return med;
 }
 
+/* Errors of the calls just timed that the backend found on the device and
+ * could not return from the call (nccl_device: DISCO_CAP_NO_HOST_SYNC); on
+ * the other backends disco_comm_check returns DISCO_SUCCESS. */
+static void check_device_errors(rank_ctx_t *c, disco_comm_t *comm, const char *what) {
+  disco_result_t rc = disco_comm_check(comm, 1);
+  if (rc != DISCO_SUCCESS) fail_disco(c, what, rc, NULL);
+}
+
 typedef struct op_ctx {
   disco_comm_t *comm;
   disco_handle_t *handle;
@@ -291,7 +299,7 @@ void bench_case_run(rank_ctx_t *c, const bench_case_t *bc, rank_result_t *res) {
 
   make_inputs(c, bc);
   const world_slot_t *mine = &c->wd->slot[me];
-  const int64_t cap = expected_recv_rows(c->wd, bc, me);
+  int64_t cap = expected_recv_rows(c->wd, bc, me);
   if (cap < 0) fail_msg(c, "out of host memory");
 
   cfg.num_experts = bc->experts;
@@ -305,6 +313,12 @@ void bench_case_run(rank_ctx_t *c, const bench_case_t *bc, rank_result_t *res) {
   if (rc != DISCO_SUCCESS) fail_disco(c, "disco_comm_create", rc, NULL);
   rc = disco_handle_create(comm, &handle);
   if (rc != DISCO_SUCCESS) fail_disco(c, "disco_handle_create", rc, NULL);
+  if (disco_comm_caps(comm) & DISCO_CAP_NO_HOST_SYNC) {
+    /* The row count exists on the device only: size the outputs for the worst
+     * case, as a caller of such a backend does (no dispatch_layout). */
+    rc = disco_comm_max_recv_rows(comm, bc->layout, bc->align, &cap);
+    if (rc != DISCO_SUCCESS) fail_disco(c, "disco_comm_max_recv_rows", rc, NULL);
+  }
 
   /* buffers: allocated once per case, inputs copied once */
   b.x = d->alloc(c, (size_t)bc->tokens * row);
@@ -356,6 +370,7 @@ void bench_case_run(rank_ctx_t *c, const bench_case_t *bc, rank_result_t *res) {
   o.handle = handle;
   o.da = da;
   res->disp_us = timed_loop(c, "disco_dispatch", op_dispatch, &o);
+  check_device_errors(c, comm, "disco_dispatch (disco_comm_check)");
 
   /* read back every dispatch output */
   h.n_to = xcalloc(c, (size_t)w, 4);
@@ -388,7 +403,7 @@ void bench_case_run(rank_ctx_t *c, const bench_case_t *bc, rank_result_t *res) {
   /* synthetic experts on the rows actually received */
   h.y = xcalloc(c, (size_t)cap, row);
   expert_outputs(bc, w, me, h.rows, h.recv_x, h.expert, h.weight, h.y);
-  d->h2d(c, b.y, h.y, (size_t)cap * row);
+  d->h2d(c, b.y, h.y, (size_t)h.rows * row);
 
   /* combine */
   disco_combine_args_t ca = DISCO_COMBINE_ARGS_INIT;
@@ -399,6 +414,7 @@ void bench_case_run(rank_ctx_t *c, const bench_case_t *bc, rank_result_t *res) {
   ca.stream = c->stream;
   o.ca = ca;
   res->comb_us = timed_loop(c, "disco_combine", op_combine, &o);
+  check_device_errors(c, comm, "disco_combine (disco_comm_check)");
   h.out = xcalloc(c, (size_t)bc->tokens, row);
   d->d2h(c, h.out, b.out, (size_t)bc->tokens * row);
 

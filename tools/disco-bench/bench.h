@@ -26,7 +26,12 @@
 #define BENCH_EXIT_WRONG 1
 #define BENCH_EXIT_USAGE 2
 
-typedef enum backend_kind { BACKEND_LOCAL, BACKEND_MPI, BACKEND_NCCL } backend_kind_t;
+typedef enum backend_kind {
+  BACKEND_LOCAL,
+  BACKEND_MPI,
+  BACKEND_NCCL,
+  BACKEND_NCCL_DEVICE /* runs in the nccl environment (same NCCL comms) */
+} backend_kind_t;
 
 typedef enum route_kind { ROUTE_UNIFORM, ROUTE_ZIPF, ROUTE_ALL_TO_ONE } route_kind_t;
 
@@ -38,7 +43,9 @@ typedef struct routing {
 } routing_t;
 
 typedef struct options {
-  backend_kind_t backend;
+  backend_kind_t backend; /* environment: LOCAL, MPI or NCCL (also for nccl_device) */
+  backend_kind_t backends[BENCH_MAX_LIST]; /* --backend list, run side by side */
+  int n_backends;
   int backend_given;
   int world; /* -w; 0 = default */
   int64_t tokens[BENCH_MAX_LIST];
@@ -81,6 +88,7 @@ typedef struct bench_case {
   routing_t routing;
   int align;
   disco_combine_wire_t wire;
+  backend_kind_t backend; /* innermost sweep dimension; inputs do not depend on it */
 } bench_case_t;
 
 /* What one rank measured for one case (gathered to rank 0, plain bytes). */
@@ -169,9 +177,10 @@ struct rank_ctx {
   void *gstate;
   const dev_ops_t *d;
   void *dstate;
-  void *stream;  /* cudaStream_t for nccl, NULL for host backends */
-  world_t *wd;   /* see world_t */
-  int exit_code; /* rank 0: BENCH_EXIT_WRONG when any wrong element */
+  void *stream;           /* cudaStream_t for nccl, NULL for host backends */
+  backend_kind_t backend; /* of the case being run (comm_create reads it) */
+  world_t *wd;            /* see world_t */
+  int exit_code;          /* rank 0: BENCH_EXIT_WRONG when any wrong element */
 };
 
 /* Description of the machine for the JSON file. */
@@ -212,7 +221,8 @@ void bench_case_run(rank_ctx_t *c, const bench_case_t *bc, rank_result_t *res);
 
 /* ---- output.c ---- */
 void output_header(FILE *f, const options_t *opt, int world, int plain);
-void output_row(FILE *f, const case_result_t *r, int plain);
+/* show_backend: a backend column (when --backend lists several). */
+void output_row(FILE *f, const case_result_t *r, int plain, int show_backend);
 void output_skip(FILE *f, const bench_case_t *bc, const char *why);
 int output_json(const char *path, const options_t *opt, const machine_info_t *m,
                 const case_result_t *rows, int n);

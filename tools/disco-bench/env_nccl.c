@@ -1,6 +1,7 @@
-/* disco-bench: the nccl backend: device buffers, cudaEvent timing, NCCL
- * communicators (one thread per GPU with ncclCommInitAll, or one process per
- * GPU under MPI) and the plain-NCCL baseline. Built only with DISCO_HAVE_NCCL. */
+/* disco-bench: the nccl and nccl_device backends: device buffers, cudaEvent
+ * timing, NCCL communicators (one thread per GPU with ncclCommInitAll, or one
+ * process per GPU under MPI; both backends run over the same ones) and the
+ * plain-NCCL baseline. Built only with DISCO_HAVE_NCCL. */
 #include <cuda_runtime.h>
 #include <nccl.h>
 #include <stdlib.h>
@@ -92,6 +93,8 @@ static void cuda_timer_read(rank_ctx_t *c, int n, double *us) {
 static disco_result_t cuda_comm_create(rank_ctx_t *c, const disco_config_t *cfg,
                                        disco_comm_t **comm) {
   cuda_dev_t *cd = c->dstate;
+  if (c->backend == BACKEND_NCCL_DEVICE)
+    return disco_comm_create_nccl_device(cd->nccl, cfg, comm);
   return disco_comm_create_nccl(cd->nccl, cfg, comm);
 }
 
@@ -196,7 +199,8 @@ static int run_nccl_threads(const options_t *opt, int *exit_code) {
   ncclComm_t *comms = NULL;
   ncclResult_t nr;
   if (ngpu < 1) {
-    fprintf(stderr, "disco-bench: --backend nccl: no CUDA device\n");
+    fprintf(stderr, "disco-bench: --backend %s: no CUDA device\n",
+            backend_name(opt->backends[0]));
     return 1;
   }
   if (world > ngpu) {

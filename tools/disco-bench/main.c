@@ -26,9 +26,11 @@ static int g_nrows, g_caprows;
 static const char usage_text[] =
     "usage: disco-bench [options]\n"
     "Sweeps the product of every list (comma-separated) and prints one row per case.\n"
-    "  -b, --backend B       local | mpi | nccl (default: nccl when built with NCCL and\n"
-    "                        >= 2 GPUs or launched by mpirun; mpi under mpirun without\n"
-    "                        GPUs; else local)\n"
+    "  -b, --backend LIST    local | mpi | nccl | nccl_device (default: nccl when built\n"
+    "                        with NCCL and >= 2 GPUs or launched by mpirun; mpi under\n"
+    "                        mpirun without GPUs; else local). nccl and nccl_device\n"
+    "                        may be listed together (nccl,nccl_device): each case runs\n"
+    "                        on both, one row each, on the same NCCL comms\n"
     "  -w, --world N         ranks for local (default 4) and for single-process nccl\n"
     "                        (default: all GPUs); under MPI the MPI world size\n"
     "  -t, --tokens LIST     tokens per rank            (default 128,4096)\n"
@@ -69,7 +71,10 @@ static void usage_error(const char *fmt, ...) {
 }
 
 const char *backend_name(backend_kind_t b) {
-  return b == BACKEND_MPI ? "mpi" : b == BACKEND_NCCL ? "nccl" : "local";
+  return b == BACKEND_MPI           ? "mpi"
+         : b == BACKEND_NCCL        ? "nccl"
+         : b == BACKEND_NCCL_DEVICE ? "nccl_device"
+                                    : "local";
 }
 const char *dtype_name(disco_dtype_t d) {
   return d == DISCO_DTYPE_FP32 ? "fp32" : d == DISCO_DTYPE_FP16 ? "fp16" : "bf16";
@@ -248,14 +253,30 @@ static void parse_options(int argc, char **argv, options_t *o) {
       }
     switch (ch) {
       case 'b':
-        if (!strcmp(optarg, "local"))
-          o->backend = BACKEND_LOCAL;
-        else if (!strcmp(optarg, "mpi"))
-          o->backend = BACKEND_MPI;
-        else if (!strcmp(optarg, "nccl"))
-          o->backend = BACKEND_NCCL;
-        else
-          usage_error("--backend: unknown backend '%s'", optarg);
+        n = o->n_backends = split_list(name, optarg, buf, sizeof(buf), items);
+        for (int i = 0; i < n; i++) {
+          if (!strcmp(items[i], "local"))
+            o->backends[i] = BACKEND_LOCAL;
+          else if (!strcmp(items[i], "mpi"))
+            o->backends[i] = BACKEND_MPI;
+          else if (!strcmp(items[i], "nccl"))
+            o->backends[i] = BACKEND_NCCL;
+          else if (!strcmp(items[i], "nccl_device"))
+            o->backends[i] = BACKEND_NCCL_DEVICE;
+          else
+            usage_error("--backend: unknown backend '%s' (local, mpi, nccl, nccl_device)",
+                        items[i]);
+          for (int j = 0; j < i; j++)
+            if (o->backends[j] == o->backends[i])
+              usage_error("--backend: '%s' listed twice", items[i]);
+        }
+        /* local and mpi have their own process groups: one run each */
+        for (int i = 0; i < n; i++)
+          if (n > 1 && (o->backends[i] == BACKEND_LOCAL || o->backends[i] == BACKEND_MPI))
+            usage_error("--backend: %s cannot be combined with other backends in one run",
+                        backend_name(o->backends[i]));
+        o->backend =
+            o->backends[0] == BACKEND_NCCL_DEVICE ? BACKEND_NCCL : o->backends[0];
         o->backend_given = 1;
         break;
       case 'w':
@@ -448,23 +469,28 @@ void rank_main(rank_ctx_t *c) {
               for (int ik = 0; ik < o->n_topk; ik++)
                 for (int ih = 0; ih < o->n_hidden; ih++)
                   for (int it = 0; it < o->n_tokens; it++) {
-                    bench_case_t bc = {index++,        o->tokens[it],   o->hidden[ih],
+                    bench_case_t bc = {index,          o->tokens[it],   o->hidden[ih],
                                        o->topk[ik],    o->experts[ie],  o->dtypes[id],
                                        o->layouts[il], o->routings[ir], o->aligns[ia],
-                                       o->wires[iw]};
+                                       o->wires[iw],   o->backends[0]};
                     rank_result_t mine;
                     if (skip_reason(&bc, c->world, why, sizeof(why))) {
                       if (c->rank == 0) output_skip(stdout, &bc, why);
+                      index++;
                       continue;
                     }
-                    bench_case_run(c, &bc, &mine);
-                    c->g->gather(c, &mine, all, sizeof(mine));
-                    if (c->rank == 0) {
-                      case_result_t cr;
-                      summarize(&cr, &bc, c->world, all, o->check);
-                      output_row(stdout, &cr, plain);
-                      record_row(c, &cr, all);
-                      if (cr.wrong > 0) c->exit_code = BENCH_EXIT_WRONG;
+                    for (int ib = 0; ib < o->n_backends; ib++) { /* side by side */
+                      bc.index = index++;
+                      bc.backend = c->backend = o->backends[ib];
+                      bench_case_run(c, &bc, &mine);
+                      c->g->gather(c, &mine, all, sizeof(mine));
+                      if (c->rank == 0) {
+                        case_result_t cr;
+                        summarize(&cr, &bc, c->world, all, o->check);
+                        output_row(stdout, &cr, plain, o->n_backends > 1);
+                        record_row(c, &cr, all);
+                        if (cr.wrong > 0) c->exit_code = BENCH_EXIT_WRONG;
+                      }
                     }
                   }
   if (c->rank == 0) {
@@ -512,6 +538,7 @@ int main(int argc, char **argv) {
 
   if (!opt.backend_given) {
     opt.backend = BACKEND_LOCAL;
+    opt.n_backends = 1;
 #ifdef DISCO_HAVE_NCCL
     int ngpu = nccl_device_count();
 #ifdef DISCO_HAVE_MPI
@@ -522,6 +549,7 @@ int main(int argc, char **argv) {
 #ifdef DISCO_HAVE_MPI
     if (under_mpi && opt.backend == BACKEND_LOCAL) opt.backend = BACKEND_MPI;
 #endif
+    opt.backends[0] = opt.backend;
   }
 
   switch (opt.backend) {
@@ -552,6 +580,7 @@ int main(int argc, char **argv) {
 #endif
       break;
     case BACKEND_NCCL:
+    case BACKEND_NCCL_DEVICE: /* not set: nccl_device runs in the nccl environment */
 #ifdef DISCO_HAVE_NCCL
 #ifdef DISCO_HAVE_MPI
       if (under_mpi) {
@@ -563,7 +592,8 @@ int main(int argc, char **argv) {
 #endif
       rc = run_nccl(&opt, 0, &exit_code);
 #else
-      usage_error("--backend nccl: this build has no NCCL backend");
+      usage_error("--backend %s: this build has no NCCL backend",
+                  backend_name(opt.backends[0]));
 #endif
       break;
   }

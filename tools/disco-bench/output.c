@@ -12,13 +12,22 @@ static void routing_list(char *buf, size_t n, const options_t *o) {
         (size_t)snprintf(buf + len, n - len, "%s%s", i ? "," : "", o->routings[i].name);
 }
 
+static void backend_list(char *buf, size_t n, const options_t *o) {
+  size_t len = 0;
+  buf[0] = '\0';
+  for (int i = 0; i < o->n_backends && len < n; i++)
+    len += (size_t)snprintf(buf + len, n - len, "%s%s", i ? "," : "",
+                            backend_name(o->backends[i]));
+}
+
 void output_header(FILE *f, const options_t *o, int world, int plain) {
-  char routes[256];
+  char routes[256], backends[256];
   routing_list(routes, sizeof(routes), o);
+  backend_list(backends, sizeof(backends), o);
   fprintf(f,
           "# disco-bench: backend %s, world %d, iters %d, warmup %d, check %s, seed %llu,"
           " index %s, %s\n",
-          backend_name(o->backend), world, o->iters, o->warmup, o->check ? "on" : "off",
+          backends, world, o->iters, o->warmup, o->check ? "on" : "off",
           (unsigned long long)o->seed,
           o->index_type == DISCO_INDEX_INT32 ? "int32" : "int64",
           o->weighted ? "weighted" : "unweighted");
@@ -37,7 +46,9 @@ void output_header(FILE *f, const options_t *o, int world, int plain) {
             "# nccl_*: grouped ncclSend/ncclRecv of the same per-peer bytes; x = disco /"
             " nccl time\n");
   fprintf(f, "#\n");
-  fprintf(f, "# %7s %6s %3s %5s %5s %6s %-18s %5s %5s %10s %10s %9s %9s", "tokens",
+  fprintf(f, "#");
+  if (o->n_backends > 1) fprintf(f, " %-11s", "backend");
+  fprintf(f, " %7s %6s %3s %5s %5s %6s %-18s %5s %5s %10s %10s %9s %9s", "tokens",
           "hidden", "K", "E", "dtype", "layout", "routing", "align", "wire", "disp_us",
           "comb_us", "disp_GB/s", "comb_GB/s");
   if (plain)
@@ -46,9 +57,11 @@ void output_header(FILE *f, const options_t *o, int world, int plain) {
   fflush(f);
 }
 
-void output_row(FILE *f, const case_result_t *r, int plain) {
+void output_row(FILE *f, const case_result_t *r, int plain, int show_backend) {
   const bench_case_t *c = &r->c;
-  fprintf(f, "  %7lld %6lld %3d %5d %5s %6s %-18s %5d %5s %10.1f %10.1f %9.2f %9.2f",
+  fprintf(f, " ");
+  if (show_backend) fprintf(f, " %-11s", backend_name(c->backend));
+  fprintf(f, " %7lld %6lld %3d %5d %5s %6s %-18s %5d %5s %10.1f %10.1f %9.2f %9.2f",
           (long long)c->tokens, (long long)c->hidden, c->topk, c->experts,
           dtype_name(c->dtype), layout_name(c->layout), c->routing.name, c->align,
           wire_name(c->wire), r->disp_us, r->comb_us, r->disp_gbps, r->comb_gbps);
@@ -122,7 +135,7 @@ int output_json(const char *path, const options_t *o, const machine_info_t *m,
             "  {\"backend\": \"%s\", \"world\": %d, \"tokens\": %lld, \"hidden\": %lld, "
             "\"top_k\": %d, \"experts\": %d, \"dtype\": \"%s\", \"layout\": \"%s\", "
             "\"routing\": ",
-            backend_name(o->backend), r->world, (long long)c->tokens,
+            backend_name(c->backend), r->world, (long long)c->tokens,
             (long long)c->hidden, c->topk, c->experts, dtype_name(c->dtype),
             layout_name(c->layout));
     json_str(f, c->routing.name);

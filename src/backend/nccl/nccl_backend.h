@@ -47,6 +47,28 @@ disco_result_t disco_nccl_group_end(disco_comm_t *comm, const char *fn);
 /* Waits for st->done (recorded by the caller) with the comm's deadline. */
 disco_result_t disco_nccl_wait(disco_comm_t *comm, const char *fn);
 
+/* Polls `ev` (NULL: only the comm's async error) until done, bounded by
+ * timeout_ms; TIMEOUT on expiry. */
+disco_result_t disco_nccl_poll(ncclComm_t nc, cudaEvent_t ev, int timeout_ms,
+                               const char *fn, const char *what, int rank);
+/* Kernel sizes and limits from the comm's config (no allocation). */
+disco_result_t disco_nccl_params(const disco_comm_t *comm, int device, disco_kparams_t *p,
+                                 const char *fn);
+/* Sub-allocation of a handle's device plan in one block (base NULL: size only). */
+size_t disco_nccl_plan_carve(const disco_kparams_t *p, disco_dev_plan_t *d, char *base);
+/* Collective: every rank learns whether any failed (`failed`) and whether the
+ * configs (and `split`) agree. c may be NULL when failed. */
+disco_result_t disco_nccl_agree(ncclComm_t nc, int rank, int timeout_ms,
+                                const disco_config_t *c, int64_t split, int failed,
+                                const char *fn, int *any_failed, int *mismatch);
+
+/* Rows this rank receives, from read-back count messages. */
+int64_t disco_nccl_host_rows(const disco_kparams_t *p, const int64_t *recv,
+                             disco_layout_t layout, int align);
+/* Every rank's status in read-back messages, as the call's result. */
+disco_result_t disco_nccl_check_status(const disco_comm_t *comm, const disco_kparams_t *p,
+                                       const int64_t *recv, const char *fn);
+
 disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
                                    const disco_dispatch_args_t *args, int layout_only,
                                    int64_t *num_rows);

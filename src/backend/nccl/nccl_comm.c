@@ -36,8 +36,8 @@ static double disco_now_ms(void) {
   return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
 }
 
-static disco_result_t disco_poll(ncclComm_t nc, cudaEvent_t ev, int timeout_ms,
-                                 const char *fn, const char *what, int rank) {
+disco_result_t disco_nccl_poll(ncclComm_t nc, cudaEvent_t ev, int timeout_ms,
+                               const char *fn, const char *what, int rank) {
   const double deadline = disco_now_ms() + (double)timeout_ms;
   for (unsigned it = 0;; it++) {
     ncclResult_t ae = ncclSuccess, r;
@@ -66,14 +66,15 @@ disco_result_t disco_nccl_group_end(disco_comm_t *comm, const char *fn) {
   disco_nccl_state_t *st = comm->backend_state;
   ncclResult_t r = ncclGroupEnd();
   if (r == ncclInProgress) /* non-blocking comm: wait for the enqueue */
-    return disco_poll(st->nccl, NULL, comm->timeout_ms, fn, "ncclGroupEnd", comm->rank);
+    return disco_nccl_poll(st->nccl, NULL, comm->timeout_ms, fn, "ncclGroupEnd",
+                           comm->rank);
   return disco_nccl_nccl(r, fn, "ncclGroupEnd", comm->rank);
 }
 
 disco_result_t disco_nccl_wait(disco_comm_t *comm, const char *fn) {
   disco_nccl_state_t *st = comm->backend_state;
-  return disco_poll(st->nccl, st->done, comm->timeout_ms, fn, "count exchange",
-                    comm->rank);
+  return disco_nccl_poll(st->nccl, st->done, comm->timeout_ms, fn, "count exchange",
+                         comm->rank);
 }
 
 /* ---- handles ---------------------------------------------------------------- */
@@ -84,9 +85,7 @@ static void *disco_carve(char *base, size_t *off, size_t bytes) {
   return p;
 }
 
-static size_t disco_plan_layout(disco_comm_t *comm, disco_dev_plan_t *d, char *base) {
-  const disco_nccl_state_t *st = comm->backend_state;
-  const disco_kparams_t *p = &st->kp;
+size_t disco_nccl_plan_carve(const disco_kparams_t *p, disco_dev_plan_t *d, char *base) {
   const size_t M = (size_t)p->max_tokens, K = (size_t)p->top_k, W = (size_t)p->world;
   const size_t L = (size_t)p->num_local, KD = (size_t)p->kd;
   const size_t tpb = 32u * (size_t)p->layout_warps;
@@ -105,6 +104,7 @@ static size_t disco_plan_layout(disco_comm_t *comm, disco_dev_plan_t *d, char *b
   d->srcbase = disco_carve(base, &off, (W * L + 1) * 8);
   d->num_rows = disco_carve(base, &off, 8);
   d->ok = disco_carve(base, &off, 4);
+  d->go = disco_carve(base, &off, 4);
   d->comb_rows = disco_carve(base, &off, W * M * K * 4);
   d->comb_w = disco_carve(base, &off, W * M * K * 4);
   return off;
@@ -141,11 +141,11 @@ static disco_result_t disco_nccl_handle_init(disco_comm_t *comm, disco_handle_t 
   pl->recv_off = pl->n_from + W;
   rc = disco_nccl_cuda(cudaSetDevice(st->device), fn, "cudaSetDevice", comm->rank);
   if (rc != DISCO_SUCCESS) goto fail;
-  size_t bytes = disco_plan_layout(comm, &pl->dev, NULL);
+  size_t bytes = disco_nccl_plan_carve(&st->kp, &pl->dev, NULL);
   rc = disco_nccl_cuda(cudaMalloc(&pl->dev_mem, bytes), fn, "cudaMalloc(plan)",
                        comm->rank);
   if (rc != DISCO_SUCCESS) goto fail;
-  disco_plan_layout(comm, &pl->dev, pl->dev_mem);
+  disco_nccl_plan_carve(&st->kp, &pl->dev, pl->dev_mem);
   rc = disco_nccl_cuda(cudaMallocHost((void **)&pl->host_msg,
                                       2u * (size_t)W * (size_t)st->kp.msg_len * 8u),
                        fn, "cudaMallocHost(counts)", comm->rank);
@@ -190,15 +190,15 @@ static const disco_backend_ops_t disco_nccl_ops = {
     .destroy = disco_nccl_destroy,
 };
 
-/* Sizes, limits and workspaces of this rank. */
-static disco_result_t disco_nccl_setup(disco_comm_t *comm, const char *fn) {
-  disco_nccl_state_t *st = comm->backend_state;
-  disco_kparams_t *p = &st->kp;
+/* Sizes and limits of the kernels on this rank (no allocation). */
+disco_result_t disco_nccl_params(const disco_comm_t *comm, int device, disco_kparams_t *p,
+                                 const char *fn) {
   const disco_config_t *c = &comm->config;
   const int W = comm->world_size, K = c->top_k, E = c->num_experts;
   const int64_t M = c->max_tokens;
   disco_result_t rc;
   int sms = 0;
+  memset(p, 0, sizeof(*p));
   p->rank = comm->rank;
   p->world = W;
   p->num_experts = E;
@@ -224,11 +224,23 @@ static disco_result_t disco_nccl_setup(disco_comm_t *comm, const char *fn) {
                        "max_tokens * top_k = %.0f (max 2^31-1) too large on rank %d",
                        fn, p->num_cols, (double)W * (double)M * (double)K, comm->rank);
   rc = disco_nccl_cuda(
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, st->device), fn,
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), fn,
       "cudaDeviceGetAttribute", comm->rank);
   if (rc != DISCO_SUCCESS) return rc;
   if (c->max_sms > 0 && c->max_sms < sms) sms = c->max_sms;
   p->max_blocks = 8 * (sms > 0 ? sms : 1);
+  return DISCO_SUCCESS;
+}
+
+/* Sizes, limits and workspaces of this rank. */
+static disco_result_t disco_nccl_setup(disco_comm_t *comm, const char *fn) {
+  disco_nccl_state_t *st = comm->backend_state;
+  disco_kparams_t *p = &st->kp;
+  const disco_config_t *c = &comm->config;
+  const int W = comm->world_size;
+  const int64_t M = c->max_tokens;
+  disco_result_t rc = disco_nccl_params(comm, st->device, p, fn);
+  if (rc != DISCO_SUCCESS) return rc;
   /* Test hook / tuning knob; all ranks must agree (checked in create). */
   const char *env = getenv("DISCO_NCCL_SPLIT_BYTES");
   st->split_bytes = env != NULL && atoll(env) > 0 ? atoll(env) : DISCO_SPLIT_BYTES;
@@ -274,9 +286,9 @@ static disco_result_t disco_nccl_setup(disco_comm_t *comm, const char *fn) {
 
 /* Every rank learns whether all created their comm with the same config. */
 #define DISCO_NF 8
-static disco_result_t disco_nccl_agree(ncclComm_t nc, int rank, int timeout_ms,
-                                       const disco_config_t *c, int64_t split, int failed,
-                                       const char *fn, int *any_failed, int *mismatch) {
+disco_result_t disco_nccl_agree(ncclComm_t nc, int rank, int timeout_ms,
+                                const disco_config_t *c, int64_t split, int failed,
+                                const char *fn, int *any_failed, int *mismatch) {
   int64_t v[2 * DISCO_NF] = {0};
   int64_t *dev = NULL;
   cudaStream_t s = NULL;
@@ -312,7 +324,7 @@ static disco_result_t disco_nccl_agree(ncclComm_t nc, int rank, int timeout_ms,
   if (rc == DISCO_SUCCESS)
     rc = disco_nccl_cuda(cudaEventRecord(ev, s), fn, "cudaEventRecord", rank);
   if (rc == DISCO_SUCCESS)
-    rc = disco_poll(nc, ev, timeout_ms, fn, "config agreement", rank);
+    rc = disco_nccl_poll(nc, ev, timeout_ms, fn, "config agreement", rank);
   if (rc == DISCO_SUCCESS) {
     *any_failed = v[0] != 0;
     *mismatch = 0;
@@ -390,3 +402,19 @@ fail:
   disco_comm_destroy(comm);
   return rc;
 }
+
+#ifndef DISCO_HAVE_NCCL_DEVICE
+/* Built against an NCCL without the device API (< 2.28). */
+disco_result_t disco_comm_create_nccl_device(ncclComm_t nccl_comm,
+                                             const disco_config_t *config,
+                                             disco_comm_t **comm) {
+  (void)nccl_comm;
+  (void)config;
+  if (comm != NULL) *comm = NULL;
+  return disco_error(
+      DISCO_ERR_NOT_SUPPORTED,
+      "disco_comm_create_nccl_device: this libdisco was built against NCCL "
+      "%d, without the device API (needs 2.28 or newer)",
+      NCCL_VERSION_CODE);
+}
+#endif

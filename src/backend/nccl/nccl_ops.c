@@ -19,8 +19,8 @@
 #define DISCO_PACK_FIRST_BYTES (16.0 * 1048576.0)
 
 /* Rows this rank receives for a layout, from the read-back messages. */
-static int64_t disco_host_rows(const disco_kparams_t *p, const int64_t *recv,
-                               disco_layout_t layout, int align) {
+int64_t disco_nccl_host_rows(const disco_kparams_t *p, const int64_t *recv,
+                             disco_layout_t layout, int align) {
   int64_t rows = 0;
   if (layout == DISCO_LAYOUT_RANK_MAJOR) {
     for (int s = 0; s < p->world; s++)
@@ -54,9 +54,8 @@ static void disco_take_counts(disco_nccl_plan_t *pl, const disco_kparams_t *p,
 }
 
 /* Statuses of every rank, identical everywhere: the lowest failing rank. */
-static disco_result_t disco_check_status(disco_comm_t *comm, const int64_t *recv,
-                                         const char *fn) {
-  const disco_kparams_t *p = &((disco_nccl_state_t *)comm->backend_state)->kp;
+disco_result_t disco_nccl_check_status(const disco_comm_t *comm, const disco_kparams_t *p,
+                                       const int64_t *recv, const char *fn) {
   for (int s = 0; s < p->world; s++) {
     const int64_t *m = recv + (int64_t)s * p->msg_len;
     disco_result_t code = (disco_result_t)m[DISCO_MSG_CODE];
@@ -320,10 +319,10 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
       /* The device plan is (re)made for the actual layout at dispatch. */
       rc = disco_nccl_wait(comm, fn);
       if (rc != DISCO_SUCCESS) goto done;
-      rc = disco_check_status(comm, recv, fn);
+      rc = disco_nccl_check_status(comm, p, recv, fn);
       if (rc != DISCO_SUCCESS) goto done;
       disco_take_counts(pl, p, T);
-      *num_rows = disco_host_rows(p, recv, args->layout, align);
+      *num_rows = disco_nccl_host_rows(p, recv, args->layout, align);
       goto done;
     }
   }
@@ -338,11 +337,11 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   if (!reuse) { /* the one host read of counts */
     rc = disco_nccl_wait(comm, fn);
     if (rc != DISCO_SUCCESS) goto done;
-    rc = disco_check_status(comm, recv, fn);
+    rc = disco_nccl_check_status(comm, p, recv, fn);
     if (rc != DISCO_SUCCESS) goto done;
     disco_take_counts(pl, p, T);
   }
-  rows = disco_host_rows(p, recv, args->layout, align);
+  rows = disco_nccl_host_rows(p, recv, args->layout, align);
   cap_rc = disco_validate_dispatch_rows(fn, comm, args, rows);
   if (cap_rc == DISCO_SUCCESS && rows > 2147483647) /* kernels index rows with int32 */
     cap_rc =
@@ -381,7 +380,7 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   CK_CUDA(cudaEventRecord(st->ev_aux, st->aux), "cudaEventRecord");
   tail = st->ev_aux;
   if (rank_major) {
-    CK_CUDA(disco_k_expand_rank(p, dp, pl->recv_tokens, args->recv_src_rank,
+    CK_CUDA(disco_k_expand_rank(p, dp, pl->recv_tokens, args->recv_x, args->recv_src_rank,
                                 args->recv_src_token, args->recv_expert,
                                 args->recv_weight, stream),
             "expand kernel");

@@ -1,0 +1,67 @@
+/* Internal: state of the nccl_device backend, shared by its files. */
+#ifndef DISCO_BACKEND_ND_H_
+#define DISCO_BACKEND_ND_H_
+
+#include <cuda_runtime.h>
+#include <nccl.h>
+
+#include "core/comm.h"
+#include "cuda/nd_kernels.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct disco_nd_state {
+  ncclComm_t nccl;
+  int device;
+  disco_kparams_t kp; /* kp.lerr = the mapped per-call error record */
+  disco_nd_params_t nd;
+  void *win_mem; /* ncclMemAlloc'd, registered as `win` */
+  size_t win_bytes;
+  ncclWindow_t win;
+  int win_registered;
+  void *dev_comm;           /* ncclDevComm, owned by nd_setup.cu */
+  void *small;              /* device: seq, done, cstat, fatal, peer[] */
+  unsigned long long *hrec; /* mapped host: [2][DISCO_LATCH_WORDS] per-call, fatal */
+  unsigned long long *drec; /* its device address */
+  cudaEvent_t last;         /* recorded after each enqueued (not captured) call */
+  int last_valid;
+} disco_nd_state_t;
+
+typedef struct disco_nd_plan {
+  disco_dev_plan_t dev;
+  void *dev_mem;
+  int64_t *host_msg; /* pinned [2, W, msg_len]: disco_dispatch_layout's read-back */
+} disco_nd_plan_t;
+
+/* nd_setup.cu */
+ncclResult_t disco_nd_dev_create(ncclComm_t comm, ncclWindow_t win, int world,
+                                 char **peer, void **dev_comm, int *all_lsa,
+                                 int *lsa_size);
+ncclResult_t disco_nd_dev_destroy(ncclComm_t comm, void *dev_comm);
+
+/* nd_comm.c */
+/* The latched fatal error (TIMEOUT) as a disco error, or SUCCESS. */
+disco_result_t disco_nd_fatal(disco_comm_t *comm, const char *fn);
+/* After enqueueing a call on `stream`: remember it for check/destroy. */
+disco_result_t disco_nd_mark(disco_comm_t *comm, cudaStream_t stream, const char *fn);
+/* Bounded host wait for the last marked call. */
+disco_result_t disco_nd_wait_last(disco_comm_t *comm, const char *fn);
+
+/* nd_ops.c */
+disco_result_t disco_nd_dispatch(disco_comm_t *comm, disco_handle_t *handle,
+                                 const disco_dispatch_args_t *args, int layout_only,
+                                 int64_t *num_rows);
+void disco_nd_dispatch_abort(disco_comm_t *comm, disco_handle_t *handle, void *stream,
+                             disco_result_t code);
+disco_result_t disco_nd_combine(disco_comm_t *comm, disco_handle_t *handle,
+                                const disco_combine_args_t *args);
+void disco_nd_combine_abort(disco_comm_t *comm, disco_handle_t *handle, void *stream,
+                            disco_result_t code);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DISCO_BACKEND_ND_H_ */

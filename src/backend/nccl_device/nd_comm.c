@@ -1,0 +1,419 @@
+/* nccl_device backend: communicator (symmetric window, device communicator),
+ * handles, latched device errors (disco_comm_check), destruction. */
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "backend/nccl/nccl_backend.h"
+#include "backend/nccl_device/nd_backend.h"
+#include "core/error.h"
+#include "disco_nccl.h"
+
+#define ND_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
+/* Small device block: seq[2] u64, fatal u64, done[2] u32, cstat i32, then peer[W]. */
+#define ND_SMALL_PEER_OFF 64u
+
+static double nd_now_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+static const char *nd_phase(long long phase) {
+  switch (phase) {
+    case DISCO_ND_PHASE_DACK:
+      return "its ack of the previous dispatch";
+    case DISCO_ND_PHASE_DFLAG:
+      return "its dispatch data";
+    case DISCO_ND_PHASE_CACK:
+      return "its ack of the previous combine";
+    case DISCO_ND_PHASE_CFLAG:
+      return "its combine partials";
+    default:
+      return "its flag";
+  }
+}
+
+static const char *nd_call(unsigned long long call) {
+  switch ((int)(call >> 32)) {
+    case DISCO_CALL_DISPATCH:
+      return "disco_dispatch";
+    case DISCO_CALL_COMBINE:
+      return "disco_combine";
+    case DISCO_CALL_LAYOUT:
+      return "disco_dispatch_layout";
+    default:
+      return "disco";
+  }
+}
+
+/* A latched record (copied) as a disco error with its message. */
+static disco_result_t nd_report(const disco_comm_t *comm, const unsigned long long *rec,
+                                int fatal) {
+  const disco_result_t code = (disco_result_t)rec[DISCO_LATCH_CODE];
+  const long long who = (long long)rec[DISCO_LATCH_RANK];
+  const long long a = (long long)rec[DISCO_LATCH_A], b = (long long)rec[DISCO_LATCH_B];
+  const long long c = (long long)rec[DISCO_LATCH_C], d = (long long)rec[DISCO_LATCH_D];
+  const char *fn = nd_call(rec[DISCO_LATCH_CALL]);
+  const unsigned long long n = rec[DISCO_LATCH_CALL] & 0xffffffffull;
+  const int r = comm->rank;
+  if (fatal && a == DISCO_ND_PHASE_DEAD)
+    return disco_error(code,
+                       "%s (call %llu): rank %d timed out earlier and gave up; seen on "
+                       "rank %d. The comm is broken: destroy it and ncclCommAbort the "
+                       "NCCL comm",
+                       fn, n, (int)who, r);
+  if (fatal)
+    return disco_error(code,
+                       "%s (call %llu): rank %d did not deliver %s within %lld ms; "
+                       "seen on rank %d. The comm is broken: destroy it and "
+                       "ncclCommAbort the NCCL comm",
+                       fn, n, (int)who, nd_phase(a), b, r);
+  switch (code) {
+    case DISCO_ERR_EXPERT_OUT_OF_RANGE:
+      return disco_error(code,
+                         "%s (call %llu): topk_idx[%lld][%lld] = %lld outside [-1, %d) "
+                         "on rank %d (found on the device)",
+                         fn, n, a, b, c, comm->config.num_experts, r);
+    case DISCO_ERR_DUPLICATE_EXPERT:
+      return disco_error(
+          code,
+          "%s (call %llu): topk_idx[%lld][%lld] = %lld repeats "
+          "topk_idx[%lld][%lld] (same expert twice) on rank %d (found on the "
+          "device)",
+          fn, n, a, b, c, a, d, r);
+    case DISCO_ERR_REMOTE:
+      return disco_error(code,
+                         "%s (call %llu): rank %d failed this call (%s); nothing "
+                         "written (seen on rank %d)",
+                         fn, n, (int)who, disco_result_name((disco_result_t)d), r);
+    case DISCO_ERR_CAPACITY:
+      if (rec[DISCO_LATCH_CALL] >> 32 == DISCO_CALL_COMBINE)
+        return disco_error(code,
+                           "%s (call %llu): args->y_rows = %lld but the dispatch "
+                           "received %lld rows on rank %d",
+                           fn, n, a, b, r);
+      return disco_error(code,
+                         "%s (call %llu): rank %d receives %lld rows but its outputs "
+                         "hold %lld (recv_capacity, or recv_x NULL); nothing written",
+                         fn, n, r, a, b);
+    case DISCO_ERR_INVALID_USAGE:
+      return disco_error(code,
+                         "%s (call %llu): the handle's dispatch failed on rank %d; "
+                         "nothing written",
+                         fn, n, r);
+    case DISCO_ERR_NULL_POINTER:
+      return disco_error(code,
+                         "%s (call %llu): args->y is NULL but the dispatch received "
+                         "%lld rows on rank %d",
+                         fn, n, b, r);
+    default:
+      return disco_error(code, "%s (call %llu): %s on rank %d", fn, n,
+                         disco_result_string(code), r);
+  }
+}
+
+disco_result_t disco_nd_fatal(disco_comm_t *comm, const char *fn) {
+  disco_nd_state_t *st = comm->backend_state;
+  volatile unsigned long long *f = st->hrec + DISCO_LATCH_WORDS;
+  unsigned long long rec[DISCO_LATCH_WORDS];
+  (void)fn;
+  if (f[DISCO_LATCH_CODE] == 0ull) return DISCO_SUCCESS;
+  for (int i = 0; i < DISCO_LATCH_WORDS; i++) rec[i] = f[i];
+  return nd_report(comm, rec, 1);
+}
+
+disco_result_t disco_nd_mark(disco_comm_t *comm, cudaStream_t stream, const char *fn) {
+  disco_nd_state_t *st = comm->backend_state;
+  enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+  disco_result_t rc = disco_nccl_cuda(cudaStreamIsCapturing(stream, &cs), fn,
+                                      "cudaStreamIsCapturing", comm->rank);
+  if (rc != DISCO_SUCCESS || cs != cudaStreamCaptureStatusNone) return rc;
+  rc = disco_nccl_cuda(cudaEventRecord(st->last, stream), fn, "cudaEventRecord",
+                       comm->rank);
+  if (rc == DISCO_SUCCESS) st->last_valid = 1;
+  return rc;
+}
+
+/* Device waits are bounded by timeout_ms each and a call has a few in a
+ * row; the host allows for that before it calls the device stuck. */
+disco_result_t disco_nd_wait_last(disco_comm_t *comm, const char *fn) {
+  disco_nd_state_t *st = comm->backend_state;
+  if (!st->last_valid) return DISCO_SUCCESS;
+  const double deadline = nd_now_ms() + 4.0 * comm->timeout_ms + 1000.0;
+  for (unsigned it = 0;; it++) {
+    cudaError_t e = cudaEventQuery(st->last);
+    if (e == cudaSuccess) return DISCO_SUCCESS;
+    if (e != cudaErrorNotReady)
+      return disco_nccl_cuda(e, fn, "cudaEventQuery", comm->rank);
+    if (nd_now_ms() > deadline)
+      return disco_error(DISCO_ERR_TIMEOUT,
+                         "%s: the device work of the last call did not finish within %d "
+                         "ms on rank %d",
+                         fn, (int)(4.0 * comm->timeout_ms + 1000.0), comm->rank);
+    if ((it & 1023u) == 1023u) sched_yield();
+  }
+}
+
+static disco_result_t nd_check(disco_comm_t *comm, int wait) {
+  static const char fn[] = "disco_comm_check";
+  disco_nd_state_t *st = comm->backend_state;
+  disco_result_t rc =
+      disco_nccl_cuda(cudaSetDevice(st->device), fn, "cudaSetDevice", comm->rank);
+  if (rc != DISCO_SUCCESS) return rc;
+  if (wait) {
+    rc = disco_nd_wait_last(comm, fn);
+    if (rc != DISCO_SUCCESS) return rc;
+  }
+  rc = disco_nd_fatal(comm, fn);
+  if (rc != DISCO_SUCCESS) return rc;
+  volatile unsigned long long *l = st->hrec;
+  unsigned long long rec[DISCO_LATCH_WORDS];
+  if (l[DISCO_LATCH_CODE] == 0ull) return DISCO_SUCCESS;
+  /* Details first; the device writes none while the code word is set. */
+  for (int i = 1; i < DISCO_LATCH_WORDS; i++) rec[i] = l[i];
+  rec[DISCO_LATCH_CODE] = __atomic_exchange_n(
+      (unsigned long long *)&st->hrec[DISCO_LATCH_CODE], 0ull, __ATOMIC_SEQ_CST);
+  return nd_report(comm, rec, 0);
+}
+
+/* ---- handles ------------------------------------------------------------------ */
+static void nd_handle_fini(disco_comm_t *comm, disco_handle_t *handle) {
+  disco_nd_plan_t *pl = handle->backend_plan;
+  (void)comm;
+  if (pl == NULL) return;
+  cudaFree(pl->dev_mem);
+  cudaFreeHost(pl->host_msg);
+  free(pl);
+  handle->backend_plan = NULL;
+}
+
+static disco_result_t nd_handle_init(disco_comm_t *comm, disco_handle_t *handle) {
+  static const char fn[] = "disco_handle_create";
+  disco_nd_state_t *st = comm->backend_state;
+  disco_result_t rc;
+  disco_nd_plan_t *pl = calloc(1, sizeof(*pl));
+  if (pl == NULL)
+    return disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn,
+                       comm->rank);
+  handle->backend_plan = pl;
+  rc = disco_nccl_cuda(cudaSetDevice(st->device), fn, "cudaSetDevice", comm->rank);
+  if (rc != DISCO_SUCCESS) goto fail;
+  size_t bytes = disco_nccl_plan_carve(&st->kp, &pl->dev, NULL);
+  rc = disco_nccl_cuda(cudaMalloc(&pl->dev_mem, bytes), fn, "cudaMalloc(plan)",
+                       comm->rank);
+  if (rc != DISCO_SUCCESS) goto fail;
+  disco_nccl_plan_carve(&st->kp, &pl->dev, pl->dev_mem);
+  /* go = 0 until a dispatch succeeds: a combine before that writes nothing. */
+  rc = disco_nccl_cuda(cudaMemset(pl->dev_mem, 0, bytes), fn, "cudaMemset(plan)",
+                       comm->rank);
+  if (rc != DISCO_SUCCESS) goto fail;
+  rc = disco_nccl_cuda(
+      cudaMallocHost((void **)&pl->host_msg,
+                     2u * (size_t)comm->world_size * (size_t)st->kp.msg_len * 8u),
+      fn, "cudaMallocHost(counts)", comm->rank);
+  if (rc != DISCO_SUCCESS) goto fail;
+  return DISCO_SUCCESS;
+fail:
+  nd_handle_fini(comm, handle);
+  return rc;
+}
+
+/* ---- comm ----------------------------------------------------------------------- */
+static void nd_destroy(disco_comm_t *comm) {
+  disco_nd_state_t *st = comm->backend_state;
+  if (st == NULL) return;
+  cudaSetDevice(st->device);
+  /* Collective teardown only when every device wait ended normally: after a
+   * TIMEOUT a peer may be gone, and NCCL's calls could wait for it. */
+  int healthy = disco_nd_wait_last(comm, "disco_comm_destroy") == DISCO_SUCCESS &&
+                st->hrec != NULL &&
+                st->hrec[DISCO_LATCH_WORDS + DISCO_LATCH_CODE] == 0ull;
+  if (healthy) {
+    if (st->dev_comm != NULL) disco_nd_dev_destroy(st->nccl, st->dev_comm);
+    if (st->win_registered) ncclCommWindowDeregister(st->nccl, st->win);
+    if (st->win_mem != NULL) ncclMemFree(st->win_mem);
+  } /* else the window stays with the NCCL comm (the caller aborts it) */
+  cudaFree(st->kp.blk_cnt);
+  cudaFree(st->kp.err_key);
+  cudaFree(st->small);
+  if (st->hrec != NULL) cudaFreeHost(st->hrec);
+  if (st->last != NULL) cudaEventDestroy(st->last);
+  free(st);
+  comm->backend_state = NULL;
+}
+
+static const disco_backend_ops_t disco_nd_ops = {
+    .name = "nccl_device",
+    .device_memory = 1,
+    .dispatch = disco_nd_dispatch,
+    .combine = disco_nd_combine,
+    .dispatch_abort = disco_nd_dispatch_abort,
+    .handle_init = nd_handle_init,
+    .handle_fini = nd_handle_fini,
+    .caps = DISCO_CAP_NO_HOST_SYNC | DISCO_CAP_GRAPH,
+    .check = nd_check,
+    .combine_abort = disco_nd_combine_abort,
+    .destroy = nd_destroy,
+};
+
+/* Local resources (no collective call). */
+static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
+  disco_nd_state_t *st = comm->backend_state;
+  disco_kparams_t *p = &st->kp;
+  const disco_config_t *c = &comm->config;
+  const int W = comm->world_size, r = comm->rank;
+  int version = 0;
+  disco_result_t rc = disco_nccl_nccl(ncclGetVersion(&version), fn, "ncclGetVersion", r);
+  if (rc != DISCO_SUCCESS) return rc;
+  if (version != NCCL_VERSION_CODE)
+    return disco_error(DISCO_ERR_NOT_SUPPORTED,
+                       "%s: libnccl is version %d but disco was built against nccl.h %d; "
+                       "the device API needs both the same (rank %d)",
+                       fn, version, NCCL_VERSION_CODE, r);
+  rc = disco_nccl_params(comm, st->device, p, fn);
+  if (rc != DISCO_SUCCESS) return rc;
+  const int wire32 =
+      c->combine_wire == DISCO_COMBINE_WIRE_FP32 && c->dtype != DISCO_DTYPE_FP32;
+  const int part_vecs = wire32 ? p->row_vecs * 2 : p->row_vecs;
+  st->win_bytes = (size_t)disco_nd_window_layout(p, part_vecs, &st->nd);
+  const size_t tpb = 32u * (size_t)p->layout_warps;
+  const size_t bmax = c->max_tokens == 0 ? 1 : ((size_t)c->max_tokens + tpb - 1) / tpb;
+  rc = disco_nccl_cuda(cudaMalloc((void **)&p->blk_cnt, bmax * (size_t)p->num_cols * 4u),
+                       fn, "cudaMalloc(block counts)", r);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaMalloc((void **)&p->err_key, 16u), fn, "cudaMalloc", r);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaMemset(p->err_key, 0xff, 8u), fn, "cudaMemset", r);
+  if (rc != DISCO_SUCCESS) return rc;
+  p->blk_done = (unsigned *)(p->err_key + 1);
+  const size_t small = ND_SMALL_PEER_OFF + (size_t)W * sizeof(char *);
+  rc = disco_nccl_cuda(cudaMalloc(&st->small, small), fn, "cudaMalloc", r);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaMemset(st->small, 0, small), fn, "cudaMemset", r);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaMemset(p->blk_done, 0, 8u), fn, "cudaMemset", r);
+  if (rc == DISCO_SUCCESS)
+    rc =
+        disco_nccl_cuda(cudaHostAlloc((void **)&st->hrec,
+                                      2u * DISCO_LATCH_WORDS * sizeof(unsigned long long),
+                                      cudaHostAllocMapped),
+                        fn, "cudaHostAlloc(error records)", r);
+  if (rc != DISCO_SUCCESS) return rc;
+  memset(st->hrec, 0, 2u * DISCO_LATCH_WORDS * sizeof(unsigned long long));
+  rc = disco_nccl_cuda(cudaHostGetDevicePointer((void **)&st->drec, st->hrec, 0), fn,
+                       "cudaHostGetDevicePointer", r);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaEventCreateWithFlags(&st->last, cudaEventDisableTiming), fn,
+                         "cudaEventCreate", r);
+  if (rc != DISCO_SUCCESS) return rc;
+  char *sm = st->small;
+  st->nd.seq = (unsigned long long *)sm;
+  st->nd.fatal = (unsigned long long *)(sm + 16);
+  st->nd.done = (unsigned *)(sm + 24);
+  st->nd.cstat = (int32_t *)(sm + 32);
+  st->nd.peer = (char *const *)(sm + ND_SMALL_PEER_OFF);
+  st->nd.hfatal = st->drec + DISCO_LATCH_WORDS;
+  st->nd.timeout_ns = (unsigned long long)comm->timeout_ms * 1000000ull;
+  p->slotted = 1;
+  p->lerr = st->drec;
+  /* The symmetric window, zeroed before any peer can see it (flags start at 0). */
+  rc = disco_nccl_nccl(ncclMemAlloc(&st->win_mem, st->win_bytes), fn, "ncclMemAlloc", r);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaMemset(st->win_mem, 0, st->win_bytes), fn, "cudaMemset", r);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaDeviceSynchronize(), fn, "cudaDeviceSynchronize", r);
+  if (rc != DISCO_SUCCESS) return rc;
+  st->nd.local = st->win_mem;
+  p->ws_recv = (char *)st->win_mem + st->nd.off_rows;
+  p->recv_meta = (int32_t *)((char *)st->win_mem + st->nd.off_meta);
+  return DISCO_SUCCESS;
+}
+
+disco_result_t disco_comm_create_nccl_device(ncclComm_t nccl_comm,
+                                             const disco_config_t *config,
+                                             disco_comm_t **out) {
+  static const char fn[] = "disco_comm_create_nccl_device";
+  disco_comm_t *comm = NULL;
+  disco_nd_state_t *st = NULL;
+  int rank = -1, world = 0, device = -1, any_failed = 0, mismatch = 0;
+  disco_result_t rc, local;
+  char saved[512];
+  disco_error_clear();
+  if (out == NULL)
+    return disco_error(DISCO_ERR_NULL_POINTER, "%s: comm output is NULL", fn);
+  *out = NULL;
+  if (nccl_comm == NULL)
+    return disco_error(DISCO_ERR_NULL_POINTER, "%s: nccl_comm is NULL", fn);
+  rc = disco_nccl_nccl(ncclCommUserRank(nccl_comm, &rank), fn, "ncclCommUserRank", -1);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_nccl(ncclCommCount(nccl_comm, &world), fn, "ncclCommCount", rank);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaGetDevice(&device), fn, "cudaGetDevice", rank);
+  if (rc != DISCO_SUCCESS) return rc;
+  /* Local failures still join the agreement so peers do not wait for us. */
+  local = disco_comm_alloc(config, rank, world, fn, &comm);
+  if (local == DISCO_SUCCESS) {
+    st = calloc(1, sizeof(*st));
+    if (st == NULL)
+      local =
+          disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn, rank);
+  }
+  if (local == DISCO_SUCCESS) {
+    comm->ops = &disco_nd_ops;
+    comm->backend_state = st;
+    st->nccl = nccl_comm;
+    st->device = device;
+    local = nd_setup(comm, fn);
+  }
+  snprintf(saved, sizeof(saved), "%s", disco_last_error());
+  rc = disco_nccl_agree(nccl_comm, rank,
+                        comm != NULL ? comm->timeout_ms : DISCO_DEFAULT_TIMEOUT_MS,
+                        comm != NULL ? &comm->config : NULL, 0, local != DISCO_SUCCESS,
+                        fn, &any_failed, &mismatch);
+  if (rc != DISCO_SUCCESS) goto fail;
+  if (local != DISCO_SUCCESS) {
+    rc = disco_error(local, "%s", saved);
+    goto fail;
+  }
+  if (any_failed) {
+    rc = disco_error(DISCO_ERR_REMOTE,
+                     "%s: another rank failed to create its comm (seen on rank %d)", fn,
+                     rank);
+    goto fail;
+  }
+  if (mismatch) {
+    rc = disco_error(DISCO_ERR_INVALID_ARGUMENT,
+                     "%s: config differs between ranks (num_experts, top_k, hidden, "
+                     "max_tokens, dtype or combine_wire) on rank %d",
+                     fn, rank);
+    goto fail;
+  }
+  /* Collective from here on: every rank got this far. */
+  rc = disco_nccl_nccl(ncclCommWindowRegister(nccl_comm, st->win_mem, st->win_bytes,
+                                              &st->win, NCCL_WIN_COLL_SYMMETRIC),
+                       fn, "ncclCommWindowRegister", rank);
+  if (rc != DISCO_SUCCESS) goto fail; /* NCCL failed on every rank or it is stuck */
+  st->win_registered = 1;
+  int all_lsa = 0, lsa_size = 0;
+  rc =
+      disco_nccl_nccl(disco_nd_dev_create(nccl_comm, st->win, world, (char **)st->nd.peer,
+                                          &st->dev_comm, &all_lsa, &lsa_size),
+                      fn, "ncclDevCommCreate", rank);
+  if (rc != DISCO_SUCCESS) goto fail;
+  if (!all_lsa) {
+    rc =
+        disco_error(DISCO_ERR_NOT_SUPPORTED,
+                    "%s: only %d of %d ranks are load-store accessible from rank %d (one "
+                    "NVLink domain needed; use disco_comm_create_nccl across nodes)",
+                    fn, lsa_size, world, rank);
+    goto fail;
+  }
+  *out = comm;
+  return DISCO_SUCCESS;
+fail:
+  disco_comm_destroy(comm);
+  return rc;
+}

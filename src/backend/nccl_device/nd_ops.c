@@ -1,0 +1,147 @@
+/* nccl_device backend: dispatch and combine (host side: launches only; no
+ * host wait except disco_dispatch_layout's one read-back). */
+#include <stdint.h>
+#include <string.h>
+
+#include "backend/nccl/nccl_backend.h"
+#include "backend/nccl_device/nd_backend.h"
+#include "core/error.h"
+
+#define CK_CUDA(call, what)                               \
+  do {                                                    \
+    rc = disco_nccl_cuda((call), fn, (what), comm->rank); \
+    if (rc != DISCO_SUCCESS) goto done;                   \
+  } while (0)
+
+disco_result_t disco_nd_dispatch(disco_comm_t *comm, disco_handle_t *handle,
+                                 const disco_dispatch_args_t *args, int layout_only,
+                                 int64_t *num_rows) {
+  const char *fn = layout_only ? "disco_dispatch_layout" : "disco_dispatch";
+  disco_nd_state_t *st = comm->backend_state;
+  disco_nd_plan_t *pl = handle->backend_plan;
+  const disco_dev_plan_t *dp = &pl->dev;
+  cudaStream_t stream = (cudaStream_t)args->stream;
+  const int reuse = !layout_only && (args->flags & DISCO_DISPATCH_REUSE_LAYOUT);
+  const int rank_major = args->layout == DISCO_LAYOUT_RANK_MAJOR;
+  const int align = rank_major || args->expert_alignment < 1 ? 1 : args->expert_alignment;
+  const int W = comm->world_size;
+  disco_kparams_t kp = st->kp;
+  disco_result_t rc = disco_nd_fatal(comm, fn);
+  if (rc != DISCO_SUCCESS) return rc;
+  CK_CUDA(cudaSetDevice(st->device), "cudaSetDevice");
+  if (!reuse)
+    CK_CUDA(disco_k_layout(&kp, dp, args->topk_idx, args->index_type == DISCO_INDEX_INT64,
+                           args->num_tokens, stream),
+            "layout kernel");
+  CK_CUDA(disco_nd_send(&kp, &st->nd, dp, args->x, args->topk_weights, args->num_tokens,
+                        rank_major, !layout_only, 0, stream),
+          "send kernel");
+  if (layout_only) {
+    kp.lerr = NULL; /* the host reads the statuses back itself */
+    CK_CUDA(disco_nd_recv(&kp, &st->nd, dp, (int)args->layout, align, NULL, NULL, NULL,
+                          NULL, INT64_MAX, DISCO_CALL_LAYOUT, stream),
+            "receive kernel");
+    CK_CUDA(disco_nd_ack(&kp, &st->nd, stream), "ack kernel");
+    CK_CUDA(
+        cudaMemcpyAsync(pl->host_msg, dp->msg, 2u * (size_t)W * (size_t)kp.msg_len * 8u,
+                        cudaMemcpyDeviceToHost, stream),
+        "cudaMemcpyAsync(counts)");
+    rc = disco_nd_mark(comm, stream, fn);
+    if (rc != DISCO_SUCCESS) goto done;
+    rc = disco_nd_wait_last(comm, fn);
+    if (rc == DISCO_SUCCESS) rc = disco_nd_fatal(comm, fn);
+    if (rc != DISCO_SUCCESS) goto done;
+    const int64_t *recv = pl->host_msg + (int64_t)W * kp.msg_len;
+    rc = disco_nccl_check_status(comm, &kp, recv, fn);
+    if (rc != DISCO_SUCCESS) goto done;
+    *num_rows = disco_nccl_host_rows(&kp, recv, args->layout, align);
+    goto done;
+  }
+  CK_CUDA(disco_nd_recv(
+              &kp, &st->nd, dp, (int)args->layout, align, args->n_tokens_to_rank,
+              args->n_tokens_from_rank, args->tokens_per_expert, args->num_recv_rows,
+              args->recv_x ? args->recv_capacity : 0, DISCO_CALL_DISPATCH, stream),
+          "receive kernel");
+  if (rank_major) {
+    CK_CUDA(disco_k_expand_rank(&kp, dp, -1, args->recv_x, args->recv_src_rank,
+                                args->recv_src_token, args->recv_expert,
+                                args->recv_weight, stream),
+            "expand kernel");
+  } else {
+    const disco_rowsel_t all = {-1, 0, INT64_MAX, 0, -1, 0};
+    CK_CUDA(disco_k_expand_expert(&kp, dp, args->x, all, args->recv_x,
+                                  args->recv_src_rank, args->recv_src_token,
+                                  args->recv_expert, args->recv_weight, stream),
+            "expand kernel");
+    if (align > 1)
+      CK_CUDA(disco_k_padding(&kp, dp, args->recv_x, args->recv_src_rank,
+                              args->recv_src_token, args->recv_expert, args->recv_weight,
+                              stream),
+              "padding kernel");
+  }
+  CK_CUDA(disco_nd_ack(&kp, &st->nd, stream), "ack kernel");
+  rc = disco_nd_mark(comm, stream, fn);
+  *num_rows = -1; /* on the device only (args->num_recv_rows) */
+done:
+  return rc;
+}
+
+void disco_nd_dispatch_abort(disco_comm_t *comm, disco_handle_t *handle, void *stream_v,
+                             disco_result_t code) {
+  static const char fn[] = "disco_dispatch";
+  disco_nd_state_t *st = comm->backend_state;
+  disco_nd_plan_t *pl = handle->backend_plan;
+  cudaStream_t stream = (cudaStream_t)stream_v;
+  disco_kparams_t kp = st->kp;
+  if (pl == NULL || disco_nd_fatal(comm, fn) != DISCO_SUCCESS ||
+      cudaSetDevice(st->device) != cudaSuccess)
+    return;
+  /* Peers latch DISCO_ERR_REMOTE from this rank's status; this rank's own
+   * error is the call's return value, so it is not latched here. */
+  kp.lerr = NULL;
+  if (disco_nd_send(&kp, &st->nd, &pl->dev, NULL, NULL, 0, 0, 0, (int)code, stream) !=
+          cudaSuccess ||
+      disco_nd_recv(&kp, &st->nd, &pl->dev, DISCO_LAYOUT_EXPERT_MAJOR, 1, NULL, NULL,
+                    NULL, NULL, 0, DISCO_CALL_DISPATCH, stream) != cudaSuccess ||
+      disco_nd_ack(&kp, &st->nd, stream) != cudaSuccess)
+    return;
+  (void)disco_nd_mark(comm, stream, fn);
+}
+
+static disco_result_t nd_combine(disco_comm_t *comm, disco_handle_t *handle,
+                                 const disco_combine_args_t *args, cudaStream_t stream,
+                                 disco_result_t code) {
+  static const char fn[] = "disco_combine";
+  disco_nd_state_t *st = comm->backend_state;
+  disco_nd_plan_t *pl = handle->backend_plan;
+  const int rank_major = handle->layout == DISCO_LAYOUT_RANK_MAJOR;
+  const int wire32 = !rank_major &&
+                     comm->config.combine_wire == DISCO_COMBINE_WIRE_FP32 &&
+                     comm->config.dtype != DISCO_DTYPE_FP32;
+  disco_kparams_t kp = st->kp;
+  disco_result_t rc = disco_nd_fatal(comm, fn);
+  if (rc != DISCO_SUCCESS) return rc;
+  if (code != DISCO_SUCCESS) kp.lerr = NULL; /* returned by the call itself */
+  CK_CUDA(cudaSetDevice(st->device), "cudaSetDevice");
+  CK_CUDA(disco_nd_csend(&kp, &st->nd, &pl->dev, args ? args->y : NULL,
+                         args ? args->y_rows : -1, args ? args->weighted : 0, wire32,
+                         rank_major, (int)code, stream),
+          "combine send kernel");
+  CK_CUDA(disco_nd_ctoken(&kp, &st->nd, &pl->dev, args ? args->out : NULL, wire32,
+                          code != DISCO_SUCCESS ? 0 : handle->num_tokens, stream),
+          "combine token kernel");
+  rc = disco_nd_mark(comm, stream, fn);
+done:
+  return rc;
+}
+
+disco_result_t disco_nd_combine(disco_comm_t *comm, disco_handle_t *handle,
+                                const disco_combine_args_t *args) {
+  return nd_combine(comm, handle, args, (cudaStream_t)args->stream, DISCO_SUCCESS);
+}
+
+void disco_nd_combine_abort(disco_comm_t *comm, disco_handle_t *handle, void *stream,
+                            disco_result_t code) {
+  if (handle->backend_plan != NULL)
+    (void)nd_combine(comm, handle, NULL, (cudaStream_t)stream, code);
+}

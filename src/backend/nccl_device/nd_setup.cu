@@ -1,0 +1,84 @@
+/* nccl_device: the only file that includes NCCL's device API (C++ templates),
+ * behind extern "C" functions: the device communicator and the peers' window
+ * pointers (docs/design-nccl-device.md §2). */
+#include <nccl.h>
+#include <nccl_device.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/nccl_device/nd_backend.h"
+
+/* peer[p] = rank p's window base as mapped on this GPU. */
+__global__ void nd_peer_kernel(ncclWindow_t win, const int *lsa_of, int world,
+                               char **peer) {
+  for (int p = threadIdx.x; p < world; p += blockDim.x)
+    peer[p] = lsa_of[p] < 0 ? NULL : (char *)ncclGetLsaPointer(win, 0, lsa_of[p]);
+}
+
+extern "C" ncclResult_t disco_nd_dev_create(ncclComm_t comm, ncclWindow_t win, int world,
+                                            char **peer, void **dev_comm, int *all_lsa,
+                                            int *lsa_size) {
+  ncclDevComm *dc = (ncclDevComm *)calloc(1, sizeof(ncclDevComm));
+  int *lsa_of = (int *)calloc((size_t)world, sizeof(int));
+  int *dev_lsa = NULL;
+  ncclResult_t r = ncclSuccess;
+  *dev_comm = NULL;
+  *all_lsa = 0;
+  *lsa_size = 0;
+  if (dc == NULL || lsa_of == NULL) {
+    free(dc);
+    free(lsa_of);
+    return ncclSystemError;
+  }
+  ncclDevCommRequirements_t reqs;
+#ifdef NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER
+  reqs = NCCL_DEV_COMM_REQUIREMENTS_INITIALIZER;
+#else
+  memset(&reqs, 0, sizeof(reqs));
+#endif
+  reqs.lsaMultimem = false; /* never multimem / NVLS */
+  reqs.lsaBarrierCount = 0; /* our own bounded flags instead (design §5) */
+  r = ncclDevCommCreate(comm, &reqs, dc);
+  if (r != ncclSuccess) {
+    free(dc);
+    free(lsa_of);
+    return r;
+  }
+  *dev_comm = dc;
+  *lsa_size = dc->lsaSize;
+  ncclTeam_t lsa = ncclTeamLsa(comm), wt = ncclTeamWorld(comm);
+  int n = 0;
+  for (int p = 0; p < world; p++) {
+    lsa_of[p] = ncclTeamRankIsMember(lsa, wt, p) ? ncclTeamRankToTeam(lsa, wt, p) : -1;
+    n += lsa_of[p] >= 0;
+  }
+  /* Test hook: DISCO_ND_HOST_PEERS=<mask> marks peers as not load-store
+   * accessible (the hybrid path is not built yet: creation then fails). */
+  const char *env = getenv("DISCO_ND_HOST_PEERS");
+  if (env != NULL) {
+    unsigned long long mask = strtoull(env, NULL, 0);
+    for (int p = 0; p < world && p < 64; p++)
+      if ((mask >> p) & 1ull) lsa_of[p] = -1, n -= 1;
+  }
+  *all_lsa = n == world;
+  if (cudaMalloc((void **)&dev_lsa, (size_t)world * sizeof(int)) != cudaSuccess ||
+      cudaMemcpy(dev_lsa, lsa_of, (size_t)world * sizeof(int), cudaMemcpyHostToDevice) !=
+          cudaSuccess) {
+    r = ncclUnhandledCudaError;
+  } else {
+    nd_peer_kernel<<<1, 128>>>(win, dev_lsa, world, peer);
+    if (cudaGetLastError() != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess)
+      r = ncclUnhandledCudaError;
+  }
+  if (dev_lsa != NULL) cudaFree(dev_lsa);
+  free(lsa_of);
+  return r;
+}
+
+extern "C" ncclResult_t disco_nd_dev_destroy(ncclComm_t comm, void *dev_comm) {
+  ncclDevComm *dc = (ncclDevComm *)dev_comm;
+  if (dc == NULL) return ncclSuccess;
+  ncclResult_t r = ncclDevCommDestroy(comm, dc);
+  free(dc);
+  return r;
+}

@@ -1,0 +1,98 @@
+/* Internal: the receive plan (offsets per source, expert groups, user counts)
+ * from the received count messages; one block. Shared by the nccl backend's
+ * recv_plan kernel and the nccl_device receive kernel. */
+#ifndef DISCO_CUDA_RECV_PLAN_CUH_
+#define DISCO_CUDA_RECV_PLAN_CUH_
+
+#include "cuda/kernels.h"
+#include "cuda/latch.cuh"
+
+/* The error the host path would return, latched: the lowest failing rank's
+ * status (own code or REMOTE), else CAPACITY. */
+__device__ __forceinline__ void disco_latch_status(const disco_kparams_t &p,
+                                                   const int64_t *recv, int ok,
+                                                   long long rows, long long cap,
+                                                   long long call) {
+  if (ok) {
+    if (rows > cap)
+      disco_latch(p.lerr, DISCO_ERR_CAPACITY, p.rank, call, rows, cap, 0, 0);
+    return;
+  }
+  for (int s = 0; s < p.world; s++) {
+    const int64_t *m = recv + (long long)s * p.msg_len;
+    const long long code = m[DISCO_MSG_CODE];
+    if (code == 0) continue;
+    disco_latch(p.lerr, s == p.rank ? code : (long long)DISCO_ERR_REMOTE, s, call,
+                m[DISCO_MSG_ROW], m[DISCO_MSG_SLOT], m[DISCO_MSG_VALUE],
+                s == p.rank ? m[DISCO_MSG_PREV] : code);
+    return;
+  }
+}
+
+/* One block (all threads): receive offsets and expert groups from the received messages.
+ */
+static __device__ void disco_recv_plan_body(const disco_kparams_t &p,
+                                            const disco_dev_plan_t &pl, int layout,
+                                            int align, int32_t *n_to, int32_t *n_from,
+                                            int32_t *tpe, int64_t *num_rows_out,
+                                            long long cap, long long call) {
+  const int W = p.world, L = p.num_local, ml = p.msg_len;
+  const int64_t *send = pl.msg, *recv = pl.msg + (long long)W * ml;
+  const int expert_major = layout == DISCO_LAYOUT_EXPERT_MAJOR;
+  __shared__ int ok;
+  __shared__ long long rows;
+  if (threadIdx.x == 0) ok = 1;
+  __syncthreads();
+  for (int s = threadIdx.x; s < W; s += blockDim.x)
+    if (recv[(long long)s * ml + DISCO_MSG_CODE] != 0) ok = 0;
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    long long acc = 0;
+    for (int s = 0; s < W; s++) {
+      pl.srcbase[(long long)s * L + l] = acc; /* group start added below */
+      acc += recv[(long long)s * ml + DISCO_MSG_COUNTS + l];
+    }
+    pl.exp_total[l] = acc;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    long long off = 0;
+    for (int s = 0; s < W; s++) {
+      pl.recv_off[s] = off;
+      off += recv[(long long)s * ml + DISCO_MSG_TOKENS];
+    }
+    pl.recv_off[W] = off;
+    rows = off;
+    if (expert_major) {
+      long long e = 0;
+      for (int l = 0; l < L; l++) {
+        pl.exp_off[l] = e;
+        long long n = pl.exp_total[l];
+        if (align > 1) n = (n + align - 1) / align * align;
+        e += n;
+      }
+      pl.exp_off[L] = e;
+      rows = e;
+    }
+    *pl.num_rows = rows;
+    *pl.ok = ok;
+    *pl.go = ok && rows <= cap;
+    if (p.lerr != NULL) /* no host sync: latch what the host would return */
+      disco_latch_status(p, recv, ok, rows, cap, call);
+  }
+  __syncthreads();
+  const int out = ok && rows <= cap; /* nothing reaches the caller on failure */
+  if (out && threadIdx.x == 0 && num_rows_out) *num_rows_out = rows;
+  for (int s = threadIdx.x; out && s < W; s += blockDim.x) {
+    if (n_to) n_to[s] = (int32_t)send[(long long)s * ml + DISCO_MSG_TOKENS];
+    if (n_from) n_from[s] = (int32_t)recv[(long long)s * ml + DISCO_MSG_TOKENS];
+  }
+  for (int l = threadIdx.x; l < L; l += blockDim.x) {
+    long long start = expert_major ? pl.exp_off[l] : 0;
+    for (int s = 0; s < W; s++) pl.srcbase[(long long)s * L + l] += start;
+    if (tpe && out)
+      tpe[l] =
+          (int32_t)(expert_major ? pl.exp_off[l + 1] - pl.exp_off[l] : pl.exp_total[l]);
+  }
+}
+
+#endif /* DISCO_CUDA_RECV_PLAN_CUH_ */
