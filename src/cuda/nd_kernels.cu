@@ -4,6 +4,8 @@
  * (system scope) and counts itself done; the last block publishes one
  * release flag per peer. Waiters poll with system-scope acquire loads,
  * bounded by %globaltimer, then __syncthreads before the block reads. */
+#include <string.h>
+
 #include "cuda/latch.cuh"
 #include "cuda/nd_kernels.h"
 #include "cuda/recv_plan.cuh"
@@ -11,7 +13,7 @@
 
 typedef unsigned long long u64;
 
-#define DISCO_ND_THREADS 128
+#define DISCO_ND_THREADS 256 /* threads of every nccl_device kernel */
 #define DISCO_BATCH 4
 
 __device__ __forceinline__ u64 nd_now(void) {
@@ -132,16 +134,6 @@ __device__ __forceinline__ int nd_source(const disco_dev_plan_t &pl, int W, long
   return lo;
 }
 
-static int nd_rows_grid(const disco_kparams_t *p, long long rows, int gx) {
-  long long cap = 2ll * p->max_blocks / gx + 1;
-  if (rows > cap) rows = cap;
-  return (int)(rows < 1 ? 1 : rows);
-}
-
-static int nd_gx(const disco_kparams_t *p) {
-  return (p->row_vecs + DISCO_ND_THREADS - 1) / DISCO_ND_THREADS;
-}
-
 extern "C" unsigned long long disco_nd_window_layout(const disco_kparams_t *p,
                                                      int part_vecs,
                                                      disco_nd_params_t *nd) {
@@ -163,28 +155,191 @@ extern "C" unsigned long long disco_nd_window_layout(const disco_kparams_t *p,
   return (off + gran - 1) / gran * gran;
 }
 
-/* ---- dispatch: send --------------------------------------------------------- */
-__global__ void __launch_bounds__(DISCO_ND_THREADS)
-    nd_send_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
-                   const uint4 *x, const float *w, int T, int rank_major, int rows_on,
-                   int status_in) {
-  __shared__ int go;
-  if (nd_dead(nd)) return;
-  const int W = p.world, r = p.rank, K = p.top_k, L = p.num_local, E = p.num_experts;
-  const int nc = p.num_cols, C = 32 * p.layout_warps, nv = p.row_vecs, mi = p.meta_ints;
-  const int ml = p.msg_len, lane = threadIdx.x & 31;
-  const long long M = p.max_tokens;
-  const u64 s = nd.seq[0] + 1ull;
-  const u64 call = (u64)DISCO_CALL_DISPATCH << 32 | (s & 0xffffffffull);
-  const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
-  if (threadIdx.x == 0) { /* the peers have read our previous rows */
-    int bad, code;
-    go = nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad,
-                     &code);
+/* Waits (one thread) for a device-local word written by block 0 of the same
+ * grid to reach want; 0 if the comm died meanwhile (block 0 timed out). */
+__device__ int nd_wait_block0(const disco_nd_params_t &nd, const u64 *word, u64 want) {
+  for (unsigned it = 0;; it++) {
+    u64 v;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(word) : "memory");
+    if ((long long)(v - want) >= 0) return 1;
+    if ((it & 255u) == 255u && nd_dead(nd)) return 0;
   }
+}
+
+/* Every block: sync, then thread 0's result in all threads. */
+__device__ __forceinline__ int nd_block_all(int v) {
+  __shared__ int flag;
   __syncthreads();
-  if (!go) return;
-  if (blockIdx.x == 0 && blockIdx.y == 0) { /* count messages, self included */
+  if (threadIdx.x == 0) flag = v;
+  __syncthreads();
+  return flag;
+}
+
+/* ---- dispatch ------------------------------------------------------------------ */
+/* Rows and metadata of token t to every destination's slot (block-wide). */
+__device__ void nd_send_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                              const disco_dev_plan_t &pl, const uint4 *x, const float *w,
+                              int t, int rank_major) {
+  const int r = p.rank, K = p.top_k, L = p.num_local, E = p.num_experts;
+  const int nc = p.num_cols, C = 32 * p.layout_warps, nv = p.row_vecs, mi = p.meta_ints;
+  const int lane = threadIdx.x & 31;
+  const long long M = p.max_tokens;
+  const int *bb = pl.blk_base + (long long)(t / C) * nc;
+  const int *dest = pl.tok_dest + (long long)t * p.kd;
+  const int *dpos = pl.tok_dpos + (long long)t * p.kd;
+  if (threadIdx.x < 32) {
+    /* Metadata: [src_token, n_local, then (j | l << 8, pos, weight) per local
+     * slot in slot order], as the nccl backend's pack. */
+    for (int k = 0; k < p.kd; k++) {
+      const int d = dest[k];
+      if (d < 0) break;
+      const int row = bb[E + d] + dpos[k];
+      int *meta = (int *)(nd.peer[d] + nd.off_meta) + ((long long)r * M + row) * mi;
+      int n = 0;
+      for (int jb = 0; jb < K; jb += 32) {
+        int j = jb + lane;
+        int e = j < K ? pl.slot[(long long)t * K + j] : -1;
+        int mine = e >= 0 && e / L == d;
+        unsigned bal = __ballot_sync(0xffffffffu, mine);
+        if (mine) {
+          int i = n + __popc(bal & ((1u << lane) - 1u));
+          meta[2 + 3 * i] = j | ((e - d * L) << 8);
+          meta[3 + 3 * i] = bb[e] + pl.slot_pos[(long long)t * K + j];
+          meta[4 + 3 * i] = __float_as_int(w ? w[(long long)t * K + j] : 1.0f);
+        }
+        n += __popc(bal);
+      }
+      if (lane == 0) {
+        meta[0] = t;
+        meta[1] = n;
+        pl.tok_row[(long long)t * p.kd + k] = row;
+      }
+    }
+  }
+  uint4 *dst[8];
+  int nd_ = 0;
+  for (int k = 0; k < p.kd && k < 8; k++) {
+    const int d = dest[k];
+    if (d < 0) break;
+    if (d == r && !rank_major) continue; /* expand reads x */
+    dst[nd_++] = (uint4 *)(nd.peer[d] + nd.off_rows) +
+                 ((long long)r * M + bb[E + d] + dpos[k]) * nv;
+  }
+  for (int k = 8; k < p.kd; k++) { /* more than 8 destinations: rare, slow path */
+    const int d = dest[k];
+    if (d < 0) break;
+    if (d == r && !rank_major) continue;
+    uint4 *o = (uint4 *)(nd.peer[d] + nd.off_rows) +
+               ((long long)r * M + bb[E + d] + dpos[k]) * nv;
+    for (int v = threadIdx.x; v < nv; v += blockDim.x)
+      o[v] = __ldg(x + (long long)t * nv + v);
+  }
+  const uint4 *src = x + (long long)t * nv;
+  for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+    const uint4 val = __ldg(src + v);
+    for (int k = 0; k < nd_; k++) dst[k][v] = val;
+  }
+}
+
+/* Received token i (EXPERT_MAJOR) into its expert rows, with metadata and
+ * combine's per-row lists (block-wide). */
+__device__ void nd_expand_expert(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                                 const disco_dev_plan_t &pl, const uint4 *x, long long i,
+                                 uint4 *recv_x, int *src_rank, int *src_token,
+                                 int *expert, float *weight) {
+  const int lane = threadIdx.x & 31, K = p.top_k, L = p.num_local, nv = p.row_vecs;
+  const int s = nd_source(pl, p.world, i);
+  const long long slot = (long long)s * p.max_tokens + (i - pl.recv_off[s]);
+  const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
+  const int t = __ldcg(meta), n = __ldcg(meta + 1);
+  const int64_t *sb = pl.srcbase + (long long)s * L;
+  if (threadIdx.x < 32) {
+    for (int q = lane; q < n; q += 32) {
+      const int l = __ldcg(meta + 2 + 3 * q) >> 8;
+      const float wt = __int_as_float(__ldcg(meta + 4 + 3 * q));
+      const long long row = sb[l] + __ldcg(meta + 3 + 3 * q);
+      int rk = 0; /* rank by local expert: combine folds experts ascending */
+      for (int o = 0; o < n; o++) rk += (__ldcg(meta + 2 + 3 * o) >> 8) < l;
+      pl.comb_rows[i * K + rk] = (int)row;
+      pl.comb_w[i * K + rk] = wt;
+      if (src_rank) src_rank[row] = s;
+      if (src_token) src_token[row] = t;
+      if (expert) expert[row] = p.rank * L + l;
+      if (weight) weight[row] = wt;
+    }
+    if (lane == 0 && n < K) pl.comb_rows[i * K + n] = -1;
+  }
+  uint4 *dst[8];
+  const int nn = n < 8 ? n : 8;
+  for (int q = 0; q < nn; q++)
+    dst[q] = recv_x + (sb[__ldcg(meta + 2 + 3 * q) >> 8] + __ldcg(meta + 3 + 3 * q)) * nv;
+  const uint4 *src = s == p.rank ? x + (long long)t * nv
+                                 : (const uint4 *)(nd.local + nd.off_rows) + slot * nv;
+  for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+    const uint4 val = s == p.rank ? __ldg(src + v) : __ldcg(src + v);
+    for (int q = 0; q < nn; q++) dst[q][v] = val;
+    for (int q = 8; q < n; q++)
+      recv_x[(sb[__ldcg(meta + 2 + 3 * q) >> 8] + __ldcg(meta + 3 + 3 * q)) * nv + v] =
+          val;
+  }
+}
+
+/* Received token i (RANK_MAJOR): its row out of the slot, src and K slots. */
+__device__ void nd_expand_rank(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                               const disco_dev_plan_t &pl, long long i, uint4 *recv_x,
+                               int *src_rank, int *src_token, int *expert,
+                               float *weight) {
+  const int K = p.top_k, nv = p.row_vecs;
+  const int s = nd_source(pl, p.world, i);
+  const long long slot = (long long)s * p.max_tokens + (i - pl.recv_off[s]);
+  const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
+  const int n = __ldcg(meta + 1);
+  const uint4 *src = (const uint4 *)(nd.local + nd.off_rows) + slot * nv;
+  for (int v = threadIdx.x; v < nv; v += blockDim.x) recv_x[i * nv + v] = __ldcg(src + v);
+  if (threadIdx.x == 0) {
+    if (src_rank) src_rank[i] = s;
+    if (src_token) src_token[i] = __ldcg(meta);
+  }
+  for (int j = threadIdx.x; j < K; j += blockDim.x) {
+    int l = -1;
+    float wt = 0.0f;
+    for (int q = 0; q < n; q++) {
+      const int jl = __ldcg(meta + 2 + 3 * q);
+      if ((jl & 255) == j) {
+        l = jl >> 8;
+        wt = __int_as_float(__ldcg(meta + 4 + 3 * q));
+      }
+    }
+    if (expert) expert[i * K + j] = l;
+    if (weight) weight[i * K + j] = wt;
+  }
+}
+
+/* One launch per dispatch after the layout kernel: send -> (flags) -> block 0
+ * waits for every source and makes the receive plan -> every block expands
+ * -> the last block acks. Blocks are co-resident (cooperative launch): they
+ * wait for each other only through block 0's plan word and the counters. */
+__global__ void __launch_bounds__(DISCO_ND_THREADS)
+    nd_dispatch_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
+                       const uint4 *x, const float *w, int T, int layout, int align,
+                       int rows_on, int status_in, int call_kind, uint4 *recv_x,
+                       int *src_rank, int *src_token, int *expert, float *weight,
+                       int32_t *n_to, int32_t *n_from, int32_t *tpe,
+                       int64_t *num_rows_out, long long cap) {
+  if (nd_dead(nd)) return;
+  const int W = p.world, r = p.rank, ml = p.msg_len, b = blockIdx.x, nb = gridDim.x;
+  const int rank_major = layout == DISCO_LAYOUT_RANK_MAJOR;
+  const u64 s = nd.seq[0] + 1ull;
+  const u64 call = (u64)call_kind << 32 | (s & 0xffffffffull);
+  const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
+  int ok = 1, bad, code;
+  /* 1. The peers have read our previous rows: we may overwrite the slots. */
+  if (threadIdx.x == 0)
+    ok = nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad,
+                     &code);
+  if (!nd_block_all(ok)) return;
+  /* 2. Count messages (self included), rows, metadata; flags by the last block. */
+  if (b == 0)
     for (int i = threadIdx.x; i < W * ml; i += blockDim.x) {
       const int d = i / ml, f = i % ml;
       long long v;
@@ -194,139 +349,174 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS)
         v = f == DISCO_MSG_CODE ? status_in : f < DISCO_MSG_TOKENS ? -1 : 0;
       ((long long *)(nd.peer[d] + nd.off_cnt))[(long long)r * ml + f] = v;
     }
-  }
-  if (rows_on && st == 0) {
-    const int v = blockIdx.x * blockDim.x + threadIdx.x;
-    for (int t = blockIdx.y; t < T; t += gridDim.y) {
-      const int *bb = pl.blk_base + (long long)(t / C) * nc;
-      const int *dest = pl.tok_dest + (long long)t * p.kd;
-      const int *dpos = pl.tok_dpos + (long long)t * p.kd;
-      if (blockIdx.x == 0 && threadIdx.x < 32) {
-        /* Metadata: [src_token, n_local, then (j | l << 8, pos, weight) per
-         * local slot in slot order], as the nccl backend's pack. */
-        for (int k = 0; k < p.kd; k++) {
-          const int d = dest[k];
-          if (d < 0) break;
-          const int row = bb[E + d] + dpos[k];
-          int *meta = (int *)(nd.peer[d] + nd.off_meta) + ((long long)r * M + row) * mi;
-          int n = 0;
-          for (int jb = 0; jb < K; jb += 32) {
-            int j = jb + lane;
-            int e = j < K ? pl.slot[(long long)t * K + j] : -1;
-            int mine = e >= 0 && e / L == d;
-            unsigned bal = __ballot_sync(0xffffffffu, mine);
-            if (mine) {
-              int i = n + __popc(bal & ((1u << lane) - 1u));
-              meta[2 + 3 * i] = j | ((e - d * L) << 8);
-              meta[3 + 3 * i] = bb[e] + pl.slot_pos[(long long)t * K + j];
-              meta[4 + 3 * i] = __float_as_int(w ? w[(long long)t * K + j] : 1.0f);
-            }
-            n += __popc(bal);
-          }
-          if (lane == 0) {
-            meta[0] = t;
-            meta[1] = n;
-            pl.tok_row[(long long)t * p.kd + k] = row;
-          }
-        }
-      }
-      if (v < nv) {
-        const uint4 val = __ldg(x + (long long)t * nv + v);
-        for (int k = 0; k < p.kd; k++) {
-          const int d = dest[k];
-          if (d < 0) break;
-          if (d == r && !rank_major) continue; /* expand reads x */
-          const long long row = bb[E + d] + dpos[k];
-          ((uint4 *)(nd.peer[d] + nd.off_rows))[((long long)r * M + row) * nv + v] = val;
-        }
-      }
-    }
-  }
+  if (rows_on && st == 0)
+    for (int t = b; t < T; t += nb) nd_send_token(p, nd, pl, x, w, t, rank_major);
   if (nd_last_block(&nd.done[0]))
     for (int d = 0; d < W; d++)
       if (d != r)
         nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_DFLAG, r),
                       s << 8 | (u64)(st & 255));
-}
-
-extern "C" cudaError_t disco_nd_send(const disco_kparams_t *p,
-                                     const disco_nd_params_t *nd,
-                                     const disco_dev_plan_t *pl, const void *x,
-                                     const float *weights, int64_t num_tokens,
-                                     int rank_major, int rows, int status,
-                                     cudaStream_t stream) {
-  const int gx = nd_gx(p);
-  const long long T = status != 0 || !rows ? 0 : num_tokens;
-  dim3 grid((unsigned)(T > 0 ? gx : 1), (unsigned)nd_rows_grid(p, T, gx), 1);
-  nd_send_kernel<<<grid, DISCO_ND_THREADS, 0, stream>>>(
-      *p, *nd, *pl, (const uint4 *)x, weights, (int)num_tokens, rank_major, rows, status);
-  return cudaGetLastError();
-}
-
-/* ---- dispatch: receive plan ----------------------------------------------------- */
-#define DISCO_ND_RECV_THREADS 512
-
-__global__ void __launch_bounds__(DISCO_ND_RECV_THREADS)
-    nd_recv_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
-                   int layout, int align, int32_t *n_to, int32_t *n_from, int32_t *tpe,
-                   int64_t *num_rows_out, long long cap, int call_kind) {
-  __shared__ int go;
-  if (nd_dead(nd)) return;
-  const u64 s = nd.seq[0] + 1ull;
-  const u64 call = (u64)call_kind << 32 | (s & 0xffffffffull);
-  if (threadIdx.x == 0) {
-    int bad, code;
-    go = nd_wait_all(p, nd, DISCO_ND_DFLAG, s, DISCO_ND_PHASE_DFLAG, call, &bad, &code);
+  /* 3. Block 0: every source's data is here; counts -> receive plan. */
+  if (b == 0) {
+    if (threadIdx.x == 0)
+      ok = nd_wait_all(p, nd, DISCO_ND_DFLAG, s, DISCO_ND_PHASE_DFLAG, call, &bad, &code);
+    if (!nd_block_all(ok)) return;
+    const int n = W * ml;
+    const long long *cnt = (const long long *)(nd.local + nd.off_cnt);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) pl.msg[n + i] = __ldcg(cnt + i);
+    __syncthreads();
+    disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap,
+                         (long long)call);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(nd.plan), "l"(s)
+                   : "memory");
+    }
+  } else {
+    if (threadIdx.x == 0) ok = nd_wait_block0(nd, nd.plan, s);
+    if (!nd_block_all(ok)) return;
   }
-  __syncthreads();
-  if (!go) return;
-  const int n = p.world * p.msg_len;
-  const long long *cnt = (const long long *)(nd.local + nd.off_cnt);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) pl.msg[n + i] = __ldcg(cnt + i);
-  __syncthreads();
-  disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap,
-                       (long long)call);
+  /* 4. Expand (nothing reaches the caller unless every rank is fine and the
+   * rows fit), padding rows. */
+  if (rows_on && *(volatile int32_t *)pl.go) {
+    const long long R = pl.recv_off[W];
+    for (long long i = b; i < R; i += nb) {
+      if (rank_major)
+        nd_expand_rank(p, nd, pl, i, recv_x, src_rank, src_token, expert, weight);
+      else
+        nd_expand_expert(p, nd, pl, x, i, recv_x, src_rank, src_token, expert, weight);
+    }
+    if (!rank_major && align > 1)
+      for (int l = b; l < p.num_local; l += nb) {
+        const long long first = pl.exp_off[l] + pl.exp_total[l], end = pl.exp_off[l + 1];
+        const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+        for (long long row = first; row < end; row++) {
+          for (int v = threadIdx.x; v < p.row_vecs; v += blockDim.x)
+            recv_x[row * p.row_vecs + v] = z;
+          if (threadIdx.x == 0) {
+            if (src_rank) src_rank[row] = -1;
+            if (src_token) src_token[row] = -1;
+            if (expert) expert[row] = -1;
+            if (weight) weight[row] = 0.0f;
+          }
+        }
+      }
+  }
+  /* 5. Done reading the slots: ack every source; next call's sequence. */
+  if (nd_last_block(&nd.done[2])) {
+    for (int q = 0; q < W; q++)
+      if (q != r) nd_st_release(nd_flag(nd, nd.peer[q], W, DISCO_ND_DACK, r), s << 8);
+    nd.seq[0] = s;
+  }
 }
 
-extern "C" cudaError_t disco_nd_recv(const disco_kparams_t *p,
-                                     const disco_nd_params_t *nd,
-                                     const disco_dev_plan_t *pl, int layout,
-                                     int alignment, int32_t *n_to, int32_t *n_from,
-                                     int32_t *tokens_per_expert, int64_t *num_recv_rows,
-                                     int64_t capacity, int call, cudaStream_t stream) {
-  nd_recv_kernel<<<1, DISCO_ND_RECV_THREADS, 0, stream>>>(
-      *p, *nd, *pl, layout, alignment, n_to, n_from, tokens_per_expert, num_recv_rows,
-      (long long)capacity, call);
-  return cudaGetLastError();
+/* ---- combine ----------------------------------------------------------------- */
+/* Expert side of received token i: fold its rows (EXPERT_MAJOR) or take y's
+ * row (RANK_MAJOR), store at the token owner's slot (block-wide). */
+__device__ void nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                               const disco_dev_plan_t &pl, const uint4 *y, long long i,
+                               int weighted, int wire32, int rank_major) {
+  const int W = p.world, K = p.top_k, nv = p.row_vecs;
+  const int nq = p.dtype == DISCO_DTYPE_FP32 ? 1 : 2;
+  const int q = nd_source(pl, W, i);
+  uint4 *dst = (uint4 *)(nd.peer[q] + nd.off_part) +
+               ((long long)p.rank * p.max_tokens + (i - pl.recv_off[q])) * nd.part_vecs;
+  if (rank_major) { /* the caller reduced: the row goes back as it is */
+    for (int v = threadIdx.x; v < nv; v += blockDim.x) dst[v] = __ldg(y + i * nv + v);
+    return;
+  }
+  const int *rws = pl.comb_rows + i * K;
+  const float *ws = pl.comb_w + i * K;
+  int n = 0;
+  while (n < K && rws[n] >= 0) n++;
+  for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+    float acc[8], f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int e = 0; e < 8; e++) acc[e] = 0.0f;
+    for (int k0 = 0; k0 < n; k0 += DISCO_BATCH) {
+      uint4 a[DISCO_BATCH];
+#pragma unroll
+      for (int u = 0; u < DISCO_BATCH; u++)
+        if (k0 + u < n) a[u] = __ldg(y + (long long)rws[k0 + u] * nv + v);
+#pragma unroll
+      for (int u = 0; u < DISCO_BATCH; u++) {
+        if (k0 + u >= n) break;
+        disco_unpack(a[u], p.dtype, f);
+        const float wk = ws[k0 + u];
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+          float term = weighted ? __fmul_rn(wk, f[e]) : f[e];
+          acc[e] = k0 + u == 0 ? term : __fadd_rn(acc[e], term);
+        }
+      }
+    }
+    disco_store_part(dst, v, wire32, nq, p.dtype, acc);
+  }
 }
 
-/* ---- dispatch: ack ------------------------------------------------------------ */
-__global__ void nd_ack_kernel(disco_kparams_t p, disco_nd_params_t nd) {
-  if (nd_dead(nd)) return;
-  const u64 s = nd.seq[0] + 1ull;
-  for (int q = threadIdx.x; q < p.world; q += blockDim.x)
-    if (q != p.rank)
-      nd_st_release(nd_flag(nd, nd.peer[q], p.world, DISCO_ND_DACK, p.rank), s << 8);
-  __syncthreads();
-  if (threadIdx.x == 0) nd.seq[0] = s;
-}
-
-extern "C" cudaError_t disco_nd_ack(const disco_kparams_t *p, const disco_nd_params_t *nd,
-                                    cudaStream_t stream) {
-  nd_ack_kernel<<<1, 128, 0, stream>>>(*p, *nd);
-  return cudaGetLastError();
-}
-
-/* ---- combine: expert side --------------------------------------------------------- */
-__global__ void __launch_bounds__(DISCO_ND_THREADS)
-    nd_csend_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
-                    const uint4 *y, long long y_rows, int weighted, int wire32,
-                    int rank_major, int status_in) {
-  __shared__ int go;
-  if (nd_dead(nd)) return;
-  const int W = p.world, r = p.rank, K = p.top_k, nv = p.row_vecs;
-  const int V = p.dtype == DISCO_DTYPE_FP32 ? 4 : 8, nq = V / 4;
+/* Token side of token t: fold over destinations ascending (block-wide). */
+__device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                                const disco_dev_plan_t &pl, uint4 *out, int wire32,
+                                int t) {
+  const int kd = p.kd, nv = p.row_vecs, nq = p.dtype == DISCO_DTYPE_FP32 ? 1 : 2;
   const long long M = p.max_tokens;
+  const uint4 *part = (const uint4 *)(nd.local + nd.off_part);
+  const int *dest = pl.tok_dest + (long long)t * kd;
+  const int *trow = pl.tok_row + (long long)t * kd;
+  int n = 0;
+  while (n < kd && dest[n] >= 0) n++;
+  for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+    float acc[8], f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int e = 0; e < 8; e++) acc[e] = 0.0f; /* +0.0 for tokens with no slot */
+    for (int k0 = 0; k0 < n; k0 += DISCO_BATCH) {
+      uint4 a[DISCO_BATCH], c[DISCO_BATCH];
+#pragma unroll
+      for (int u = 0; u < DISCO_BATCH; u++) {
+        if (k0 + u >= n) break;
+        const uint4 *row =
+            part + ((long long)dest[k0 + u] * M + trow[k0 + u]) * nd.part_vecs;
+        if (wire32) {
+          a[u] = __ldcg(row + (long long)v * nq);
+          if (nq == 2) c[u] = __ldcg(row + (long long)v * 2 + 1);
+        } else {
+          a[u] = __ldcg(row + v);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < DISCO_BATCH; u++) {
+        if (k0 + u >= n) break;
+        if (wire32) {
+          f[0] = __uint_as_float(a[u].x);
+          f[1] = __uint_as_float(a[u].y);
+          f[2] = __uint_as_float(a[u].z);
+          f[3] = __uint_as_float(a[u].w);
+          if (nq == 2) {
+            f[4] = __uint_as_float(c[u].x);
+            f[5] = __uint_as_float(c[u].y);
+            f[6] = __uint_as_float(c[u].z);
+            f[7] = __uint_as_float(c[u].w);
+          }
+        } else {
+          disco_unpack(a[u], p.dtype, f);
+        }
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[e] = k0 + u == 0 ? f[e] : __fadd_rn(acc[e], f[e]);
+      }
+    }
+    out[(long long)t * nv + v] = disco_pack(acc, p.dtype);
+  }
+}
+
+/* One launch per combine: expert side -> flags -> every block waits for every
+ * expert rank's flag -> token side -> the last block acks. */
+__global__ void __launch_bounds__(DISCO_ND_THREADS)
+    nd_combine_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
+                      const uint4 *y, long long y_rows, int weighted, int wire32,
+                      int rank_major, int status_in, uint4 *out, int T) {
+  if (nd_dead(nd)) return;
+  const int W = p.world, r = p.rank, b = blockIdx.x, nb = gridDim.x;
   const u64 c = nd.seq[1] + 1ull;
   const u64 call = (u64)DISCO_CALL_COMBINE << 32 | (c & 0xffffffffull);
   int st = status_in;
@@ -336,162 +526,123 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS)
          : rows > 0 && y == NULL        ? (int)DISCO_ERR_NULL_POINTER
          : y_rows >= 0 && y_rows < rows ? (int)DISCO_ERR_CAPACITY
                                         : 0;
+  int ok = 1, q = -1, code = 0;
   if (threadIdx.x == 0) {
-    if (blockIdx.x == 0 && blockIdx.y == 0) {
-      *nd.cstat = st;
-      if (st != 0 && status_in == 0)
-        disco_latch(p.lerr, st, r, (long long)call, y_rows, rows, 0, 0);
-    }
-    int bad, code; /* the token owners have read our previous partials */
-    go = nd_wait_all(p, nd, DISCO_ND_CACK, c - 1ull, DISCO_ND_PHASE_CACK, call, &bad,
-                     &code);
+    if (b == 0 && st != 0 && status_in == 0)
+      disco_latch(p.lerr, st, r, (long long)call, y_rows, rows, 0, 0);
+    /* the token owners have read our previous partials */
+    ok =
+        nd_wait_all(p, nd, DISCO_ND_CACK, c - 1ull, DISCO_ND_PHASE_CACK, call, &q, &code);
   }
-  __syncthreads();
-  if (!go) return;
-  const int v = blockIdx.x * blockDim.x + threadIdx.x;
-  if (st == 0 && v < nv) {
+  if (!nd_block_all(ok)) return;
+  if (st == 0) {
     const long long R = pl.recv_off[W];
-    for (long long i = blockIdx.y; i < R; i += gridDim.y) {
-      const int q = nd_source(pl, W, i);
-      uint4 *dst = (uint4 *)(nd.peer[q] + nd.off_part) +
-                   ((long long)r * M + (i - pl.recv_off[q])) * nd.part_vecs;
-      if (rank_major) { /* the caller reduced: the row goes back as it is */
-        dst[v] = __ldg(y + i * nv + v);
-        continue;
-      }
-      const int *rws = pl.comb_rows + i * K;
-      const float *ws = pl.comb_w + i * K;
-      int n = 0;
-      while (n < K && rws[n] >= 0) n++;
-      float acc[8], f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int e = 0; e < 8; e++) acc[e] = 0.0f;
-      for (int k0 = 0; k0 < n; k0 += DISCO_BATCH) {
-        uint4 a[DISCO_BATCH];
-#pragma unroll
-        for (int u = 0; u < DISCO_BATCH; u++)
-          if (k0 + u < n) a[u] = __ldg(y + (long long)rws[k0 + u] * nv + v);
-#pragma unroll
-        for (int u = 0; u < DISCO_BATCH; u++) {
-          if (k0 + u >= n) break;
-          disco_unpack(a[u], p.dtype, f);
-          const float wk = ws[k0 + u];
-#pragma unroll
-          for (int e = 0; e < 8; e++) {
-            float term = weighted ? __fmul_rn(wk, f[e]) : f[e];
-            acc[e] = k0 + u == 0 ? term : __fadd_rn(acc[e], term);
-          }
-        }
-      }
-      disco_store_part(dst, v, wire32, nq, p.dtype, acc);
-    }
+    for (long long i = b; i < R; i += nb)
+      nd_csend_token(p, nd, pl, y, i, weighted, wire32, rank_major);
   }
   if (nd_last_block(&nd.done[1]))
-    for (int q = 0; q < W; q++)
-      if (q != r)
-        nd_st_release(nd_flag(nd, nd.peer[q], W, DISCO_ND_CFLAG, r),
+    for (int d = 0; d < W; d++)
+      if (d != r)
+        nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_CFLAG, r),
                       c << 8 | (u64)(st & 255));
-}
-
-extern "C" cudaError_t disco_nd_csend(const disco_kparams_t *p,
-                                      const disco_nd_params_t *nd,
-                                      const disco_dev_plan_t *pl, const void *y,
-                                      int64_t y_rows, int weighted, int wire32,
-                                      int rank_major, int status, cudaStream_t stream) {
-  const int gx = nd_gx(p);
-  const long long worst = status != 0 ? 0 : (long long)p->world * p->max_tokens;
-  dim3 grid((unsigned)gx, (unsigned)nd_rows_grid(p, worst, gx), 1);
-  nd_csend_kernel<<<grid, DISCO_ND_THREADS, 0, stream>>>(
-      *p, *nd, *pl, (const uint4 *)y, (long long)y_rows, weighted,
-      wire32 && p->dtype != DISCO_DTYPE_FP32, rank_major, status);
-  return cudaGetLastError();
-}
-
-/* ---- combine: token side ---------------------------------------------------------- */
-__global__ void __launch_bounds__(DISCO_ND_THREADS)
-    nd_ctoken_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
-                     uint4 *out, int wire32, int T) {
-  __shared__ int go, bad;
-  if (nd_dead(nd)) return;
-  const int W = p.world, r = p.rank, kd = p.kd, nv = p.row_vecs;
-  const int V = p.dtype == DISCO_DTYPE_FP32 ? 4 : 8, nq = V / 4;
-  const long long M = p.max_tokens;
-  const u64 c = nd.seq[1] + 1ull;
-  const u64 call = (u64)DISCO_CALL_COMBINE << 32 | (c & 0xffffffffull);
   if (threadIdx.x == 0) {
-    int q, code;
-    go = nd_wait_all(p, nd, DISCO_ND_CFLAG, c, DISCO_ND_PHASE_CFLAG, call, &q, &code);
-    bad = *nd.cstat != 0 || q >= 0;
-    if (go && *nd.cstat == 0 && q >= 0 && blockIdx.x == 0 && blockIdx.y == 0)
+    ok = nd_wait_all(p, nd, DISCO_ND_CFLAG, c, DISCO_ND_PHASE_CFLAG, call, &q, &code);
+    if (ok && st == 0 && q >= 0 && b == 0)
       disco_latch(p.lerr, DISCO_ERR_REMOTE, q, (long long)call, -1, -1, -1, code);
+    if (ok && (st != 0 || q >= 0)) ok = 2; /* someone failed: write nothing */
   }
-  __syncthreads();
-  if (!go) return;
-  const int v = blockIdx.x * blockDim.x + threadIdx.x;
-  if (!bad && v < nv) {
-    const uint4 *part = (const uint4 *)(nd.local + nd.off_part);
-    for (int t = blockIdx.y; t < T; t += gridDim.y) {
-      const int *dest = pl.tok_dest + (long long)t * kd;
-      const int *trow = pl.tok_row + (long long)t * kd;
-      float acc[8], f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-      for (int e = 0; e < 8; e++) acc[e] = 0.0f; /* +0.0 for tokens with no slot */
-      int n = 0;
-      while (n < kd && dest[n] >= 0) n++;
-      for (int k0 = 0; k0 < n; k0 += DISCO_BATCH) {
-        uint4 a[DISCO_BATCH], b[DISCO_BATCH];
-#pragma unroll
-        for (int u = 0; u < DISCO_BATCH; u++) {
-          if (k0 + u >= n) break;
-          const uint4 *row =
-              part + ((long long)dest[k0 + u] * M + trow[k0 + u]) * nd.part_vecs;
-          if (wire32) {
-            a[u] = __ldcg(row + (long long)v * nq);
-            if (nq == 2) b[u] = __ldcg(row + (long long)v * 2 + 1);
-          } else {
-            a[u] = __ldcg(row + v);
-          }
-        }
-#pragma unroll
-        for (int u = 0; u < DISCO_BATCH; u++) {
-          if (k0 + u >= n) break;
-          if (wire32) {
-            f[0] = __uint_as_float(a[u].x);
-            f[1] = __uint_as_float(a[u].y);
-            f[2] = __uint_as_float(a[u].z);
-            f[3] = __uint_as_float(a[u].w);
-            if (nq == 2) {
-              f[4] = __uint_as_float(b[u].x);
-              f[5] = __uint_as_float(b[u].y);
-              f[6] = __uint_as_float(b[u].z);
-              f[7] = __uint_as_float(b[u].w);
-            }
-          } else {
-            disco_unpack(a[u], p.dtype, f);
-          }
-#pragma unroll
-          for (int e = 0; e < 8; e++)
-            acc[e] = k0 + u == 0 ? f[e] : __fadd_rn(acc[e], f[e]);
-        }
-      }
-      out[(long long)t * nv + v] = disco_pack(acc, p.dtype);
-    }
-  }
-  if (nd_last_block(&nd.done[1])) {
-    for (int q = 0; q < W; q++)
-      if (q != r) nd_st_release(nd_flag(nd, nd.peer[q], W, DISCO_ND_CACK, r), c << 8);
+  ok = nd_block_all(ok);
+  if (!ok) return;
+  if (ok == 1)
+    for (int t = b; t < T; t += nb) nd_ctoken_token(p, nd, pl, out, wire32, t);
+  if (nd_last_block(&nd.done[3])) {
+    for (int d = 0; d < W; d++)
+      if (d != r) nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_CACK, r), c << 8);
     nd.seq[1] = c;
   }
 }
 
-extern "C" cudaError_t disco_nd_ctoken(const disco_kparams_t *p,
-                                       const disco_nd_params_t *nd,
-                                       const disco_dev_plan_t *pl, void *out, int wire32,
-                                       int64_t num_tokens, cudaStream_t stream) {
-  const int gx = nd_gx(p);
-  dim3 grid((unsigned)gx, (unsigned)nd_rows_grid(p, num_tokens, gx), 1);
-  nd_ctoken_kernel<<<grid, DISCO_ND_THREADS, 0, stream>>>(
-      *p, *nd, *pl, (uint4 *)out, wire32 && p->dtype != DISCO_DTYPE_FP32,
-      (int)num_tokens);
-  return cudaGetLastError();
+/* ---- launchers ------------------------------------------------------------------ */
+/* Blocks of a launch: enough for the work, at most what is co-resident. */
+static int nd_grid(const disco_nd_params_t *nd, long long work) {
+  long long g = work < 1 ? 1 : work;
+  return (int)(g < nd->max_grid ? g : nd->max_grid);
+}
+
+static cudaError_t nd_launch(const void *fn, int grid, void **args, cudaStream_t stream) {
+  cudaLaunchConfig_t cfg;
+  cudaLaunchAttribute attr[1];
+  memset(&cfg, 0, sizeof(cfg));
+  cfg.gridDim = dim3((unsigned)grid, 1, 1);
+  cfg.blockDim = dim3(DISCO_ND_THREADS, 1, 1);
+  cfg.stream = stream;
+  attr[0].id = cudaLaunchAttributeCooperative; /* co-residency, or an error */
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelExC(&cfg, fn, args);
+}
+
+extern "C" cudaError_t disco_nd_max_grid(int max_sms, int *grid) {
+  int dev = 0, sms = 0, a = 0, c = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess)
+    e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (e == cudaSuccess)
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&a, nd_dispatch_kernel,
+                                                      DISCO_ND_THREADS, 0);
+  if (e == cudaSuccess)
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c, nd_combine_kernel,
+                                                      DISCO_ND_THREADS, 0);
+  if (e != cudaSuccess) return e;
+  if (max_sms > 0 && max_sms < sms) sms = max_sms;
+  *grid = (a < c ? a : c) * sms;
+  if (*grid < 1) *grid = 1;
+  return cudaSuccess;
+}
+
+extern "C" cudaError_t disco_nd_k_dispatch(const disco_kparams_t *p,
+                                           const disco_nd_params_t *nd,
+                                           const disco_dev_plan_t *pl,
+                                           const disco_nd_io_t *io, cudaStream_t stream) {
+  disco_kparams_t kp = *p;
+  disco_nd_params_t ndp = *nd;
+  disco_dev_plan_t plan = *pl;
+  const uint4 *x = (const uint4 *)io->x;
+  const float *w = io->weights;
+  int T = (int)io->num_tokens, layout = io->layout, align = io->alignment;
+  int rows = io->rows, status = io->status, call = io->call;
+  uint4 *recv_x = (uint4 *)io->recv_x;
+  int *sr = io->src_rank, *stok = io->src_token, *ex = io->expert;
+  float *wt = io->weight;
+  int32_t *nto = io->n_to, *nfrom = io->n_from, *tpe = io->tokens_per_expert;
+  int64_t *nrows = io->num_recv_rows;
+  long long cap = (long long)io->capacity;
+  void *args[] = {&kp,    &ndp,  &plan,   &x,     &w,      &T,     &layout,
+                  &align, &rows, &status, &call,  &recv_x, &sr,    &stok,
+                  &ex,    &wt,   &nto,    &nfrom, &tpe,    &nrows, &cap};
+  /* Work: tokens to send, and up to every possible received token. */
+  long long work = T;
+  const long long recv = (long long)p->world * (long long)(T > 0 ? T : 1);
+  if (recv > work) work = recv;
+  return nd_launch((const void *)nd_dispatch_kernel, nd_grid(nd, work), args, stream);
+}
+
+extern "C" cudaError_t disco_nd_k_combine(const disco_kparams_t *p,
+                                          const disco_nd_params_t *nd,
+                                          const disco_dev_plan_t *pl, const void *y,
+                                          int64_t y_rows, int weighted, int wire32,
+                                          int rank_major, int status, void *out,
+                                          int64_t num_tokens, cudaStream_t stream) {
+  disco_kparams_t kp = *p;
+  disco_nd_params_t ndp = *nd;
+  disco_dev_plan_t plan = *pl;
+  const uint4 *yv = (const uint4 *)y;
+  long long yr = (long long)y_rows;
+  int wt = weighted, w32 = wire32 && p->dtype != DISCO_DTYPE_FP32, rm = rank_major;
+  int stt = status, T = (int)num_tokens;
+  uint4 *o = (uint4 *)out;
+  void *args[] = {&kp, &ndp, &plan, &yv, &yr, &wt, &w32, &rm, &stt, &o, &T};
+  const long long work = (long long)p->world * (long long)(T > 0 ? T : 1);
+  return nd_launch((const void *)nd_combine_kernel, nd_grid(nd, work), args, stream);
 }

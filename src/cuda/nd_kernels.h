@@ -8,9 +8,9 @@
  * slot once it has read it, and a sender waits for that ack before it
  * overwrites the slot in the next call. Every wait is bounded.
  *
- * Dispatch: [layout] send -> recv -> expand (+padding) -> ack.
- * Combine:  csend (expert side fold, stored at the token owner) -> ctoken
- *           (fold over sources, acks in its last block).
+ * Dispatch: [layout kernel] + one launch: send -> receive plan -> expand
+ *           -> ack. Combine: one launch: expert-side fold stored at the
+ *           token owner -> token-side fold -> ack.
  */
 #ifndef DISCO_CUDA_ND_KERNELS_H_
 #define DISCO_CUDA_ND_KERNELS_H_
@@ -45,8 +45,9 @@ typedef struct disco_nd_params {
   unsigned long long off_flags, off_cnt, off_meta, off_rows, off_part;
   int part_vecs;              /* 16-byte vectors of one combine partial row */
   unsigned long long *seq;    /* device [2]: last finished dispatch, combine */
-  unsigned *done;             /* device [2]: blocks done (send, csend/ctoken) */
-  int32_t *cstat;             /* device [1]: this rank's status in the combine */
+  unsigned *done;             /* device [4]: blocks done per phase, 0 between calls */
+  unsigned long long *plan;   /* device: dispatch seq whose receive plan is made */
+  int max_grid;               /* co-resident blocks of one launch */
   unsigned long long *fatal;  /* device word, != 0 after a timeout: exit */
   unsigned long long *hfatal; /* mapped host record of the fatal error */
   unsigned long long timeout_ns;
@@ -56,34 +57,39 @@ typedef struct disco_nd_params {
 unsigned long long disco_nd_window_layout(const disco_kparams_t *p, int part_vecs,
                                           disco_nd_params_t *nd);
 
-/* Rows (rows != 0) and count messages to every rank's slot, then flags.
- * status != 0: this rank's call failed on the host; send that code and no
- * rows (layout not run). */
-cudaError_t disco_nd_send(const disco_kparams_t *p, const disco_nd_params_t *nd,
-                          const disco_dev_plan_t *pl, const void *x, const float *weights,
-                          int64_t num_tokens, int rank_major, int rows, int status,
-                          cudaStream_t stream);
-/* Waits for every source's flag, takes the count messages, makes the receive
- * plan (user counts written when all is well and `capacity` holds the rows).
- * p->lerr NULL: errors are not latched (the host reads them back). */
-cudaError_t disco_nd_recv(const disco_kparams_t *p, const disco_nd_params_t *nd,
-                          const disco_dev_plan_t *pl, int layout, int alignment,
-                          int32_t *n_to, int32_t *n_from, int32_t *tokens_per_expert,
-                          int64_t *num_recv_rows, int64_t capacity, int call,
-                          cudaStream_t stream);
-/* Dispatch done reading the slots: ack every source, advance the sequence. */
-cudaError_t disco_nd_ack(const disco_kparams_t *p, const disco_nd_params_t *nd,
-                         cudaStream_t stream);
-/* Combine, expert side. status != 0: host-side failure, send only flags. */
-cudaError_t disco_nd_csend(const disco_kparams_t *p, const disco_nd_params_t *nd,
-                           const disco_dev_plan_t *pl, const void *y, int64_t y_rows,
-                           int weighted, int wire32, int rank_major, int status,
-                           cudaStream_t stream);
-/* Combine, token side: out[t] = fold of the partials (nothing written when
- * any rank failed), then acks. */
-cudaError_t disco_nd_ctoken(const disco_kparams_t *p, const disco_nd_params_t *nd,
-                            const disco_dev_plan_t *pl, void *out, int wire32,
-                            int64_t num_tokens, cudaStream_t stream);
+/* One dispatch's buffers and switches (device pointers). */
+typedef struct disco_nd_io {
+  const void *x;
+  const float *weights;
+  int64_t num_tokens;
+  int layout, alignment;
+  int rows;   /* 0: counts only (disco_dispatch_layout) */
+  int status; /* != 0: this rank failed on the host: send that, no rows */
+  int call;   /* DISCO_CALL_* (error records) */
+  void *recv_x;
+  int32_t *src_rank, *src_token, *expert;
+  float *weight;
+  int32_t *n_to, *n_from, *tokens_per_expert;
+  int64_t *num_recv_rows;
+  int64_t capacity; /* rows the outputs hold */
+} disco_nd_io_t;
+
+/* Blocks of one co-resident launch on the current device (max_sms > 0 caps
+ * the SMs counted). */
+cudaError_t disco_nd_max_grid(int max_sms, int *grid);
+/* After disco_k_layout (or with a reused plan): one cooperative launch that
+ * sends, receives, makes the receive plan, expands and acks. p->lerr NULL:
+ * errors are not latched (the host reads the statuses back itself). */
+cudaError_t disco_nd_k_dispatch(const disco_kparams_t *p, const disco_nd_params_t *nd,
+                                const disco_dev_plan_t *pl, const disco_nd_io_t *io,
+                                cudaStream_t stream);
+/* One cooperative launch: expert-side folds stored at the token owners,
+ * then the token-side fold into out (nothing written when any rank failed).
+ * status != 0: host-side failure on this rank, only the flags go out. */
+cudaError_t disco_nd_k_combine(const disco_kparams_t *p, const disco_nd_params_t *nd,
+                               const disco_dev_plan_t *pl, const void *y, int64_t y_rows,
+                               int weighted, int wire32, int rank_major, int status,
+                               void *out, int64_t num_tokens, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

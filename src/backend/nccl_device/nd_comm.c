@@ -12,7 +12,7 @@
 #include "disco_nccl.h"
 
 #define ND_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
-/* Small device block: seq[2] u64, fatal u64, done[2] u32, cstat i32, then peer[W]. */
+/* Small device block: seq[2], fatal, plan (u64), done[4] (u32), then peer[W]. */
 #define ND_SMALL_PEER_OFF 64u
 
 static double nd_now_ms(void) {
@@ -279,6 +279,9 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
       c->combine_wire == DISCO_COMBINE_WIRE_FP32 && c->dtype != DISCO_DTYPE_FP32;
   const int part_vecs = wire32 ? p->row_vecs * 2 : p->row_vecs;
   st->win_bytes = (size_t)disco_nd_window_layout(p, part_vecs, &st->nd);
+  rc = disco_nccl_cuda(disco_nd_max_grid(c->max_sms, &st->nd.max_grid), fn,
+                       "cudaOccupancyMaxActiveBlocksPerMultiprocessor", r);
+  if (rc != DISCO_SUCCESS) return rc;
   const size_t tpb = 32u * (size_t)p->layout_warps;
   const size_t bmax = c->max_tokens == 0 ? 1 : ((size_t)c->max_tokens + tpb - 1) / tpb;
   rc = disco_nccl_cuda(cudaMalloc((void **)&p->blk_cnt, bmax * (size_t)p->num_cols * 4u),
@@ -312,8 +315,8 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   char *sm = st->small;
   st->nd.seq = (unsigned long long *)sm;
   st->nd.fatal = (unsigned long long *)(sm + 16);
-  st->nd.done = (unsigned *)(sm + 24);
-  st->nd.cstat = (int32_t *)(sm + 32);
+  st->nd.plan = (unsigned long long *)(sm + 24);
+  st->nd.done = (unsigned *)(sm + 32);
   st->nd.peer = (char *const *)(sm + ND_SMALL_PEER_OFF);
   st->nd.hfatal = st->drec + DISCO_LATCH_WORDS;
   st->nd.timeout_ns = (unsigned long long)comm->timeout_ms * 1000000ull;

@@ -13,6 +13,24 @@
     if (rc != DISCO_SUCCESS) goto done;                   \
   } while (0)
 
+/* The io block of a dispatch from the caller's args (outputs left NULL). */
+static disco_nd_io_t nd_io(const disco_dispatch_args_t *args, int align, int rows,
+                           int status, int call) {
+  disco_nd_io_t io;
+  memset(&io, 0, sizeof(io));
+  io.layout = args != NULL ? (int)args->layout : (int)DISCO_LAYOUT_EXPERT_MAJOR;
+  io.alignment = align;
+  io.rows = rows;
+  io.status = status;
+  io.call = call;
+  if (args != NULL && status == 0) {
+    io.x = args->x;
+    io.weights = args->topk_weights;
+    io.num_tokens = args->num_tokens;
+  }
+  return io;
+}
+
 disco_result_t disco_nd_dispatch(disco_comm_t *comm, disco_handle_t *handle,
                                  const disco_dispatch_args_t *args, int layout_only,
                                  int64_t *num_rows) {
@@ -26,6 +44,8 @@ disco_result_t disco_nd_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   const int align = rank_major || args->expert_alignment < 1 ? 1 : args->expert_alignment;
   const int W = comm->world_size;
   disco_kparams_t kp = st->kp;
+  disco_nd_io_t io = nd_io(args, align, !layout_only, 0,
+                           layout_only ? DISCO_CALL_LAYOUT : DISCO_CALL_DISPATCH);
   disco_result_t rc = disco_nd_fatal(comm, fn);
   if (rc != DISCO_SUCCESS) return rc;
   CK_CUDA(cudaSetDevice(st->device), "cudaSetDevice");
@@ -33,15 +53,10 @@ disco_result_t disco_nd_dispatch(disco_comm_t *comm, disco_handle_t *handle,
     CK_CUDA(disco_k_layout(&kp, dp, args->topk_idx, args->index_type == DISCO_INDEX_INT64,
                            args->num_tokens, stream),
             "layout kernel");
-  CK_CUDA(disco_nd_send(&kp, &st->nd, dp, args->x, args->topk_weights, args->num_tokens,
-                        rank_major, !layout_only, 0, stream),
-          "send kernel");
   if (layout_only) {
     kp.lerr = NULL; /* the host reads the statuses back itself */
-    CK_CUDA(disco_nd_recv(&kp, &st->nd, dp, (int)args->layout, align, NULL, NULL, NULL,
-                          NULL, INT64_MAX, DISCO_CALL_LAYOUT, stream),
-            "receive kernel");
-    CK_CUDA(disco_nd_ack(&kp, &st->nd, stream), "ack kernel");
+    io.capacity = INT64_MAX;
+    CK_CUDA(disco_nd_k_dispatch(&kp, &st->nd, dp, &io, stream), "dispatch kernel");
     CK_CUDA(
         cudaMemcpyAsync(pl->host_msg, dp->msg, 2u * (size_t)W * (size_t)kp.msg_len * 8u,
                         cudaMemcpyDeviceToHost, stream),
@@ -57,29 +72,17 @@ disco_result_t disco_nd_dispatch(disco_comm_t *comm, disco_handle_t *handle,
     *num_rows = disco_nccl_host_rows(&kp, recv, args->layout, align);
     goto done;
   }
-  CK_CUDA(disco_nd_recv(
-              &kp, &st->nd, dp, (int)args->layout, align, args->n_tokens_to_rank,
-              args->n_tokens_from_rank, args->tokens_per_expert, args->num_recv_rows,
-              args->recv_x ? args->recv_capacity : 0, DISCO_CALL_DISPATCH, stream),
-          "receive kernel");
-  if (rank_major) {
-    CK_CUDA(disco_k_expand_rank(&kp, dp, -1, args->recv_x, args->recv_src_rank,
-                                args->recv_src_token, args->recv_expert,
-                                args->recv_weight, stream),
-            "expand kernel");
-  } else {
-    const disco_rowsel_t all = {-1, 0, INT64_MAX, 0, -1, 0};
-    CK_CUDA(disco_k_expand_expert(&kp, dp, args->x, all, args->recv_x,
-                                  args->recv_src_rank, args->recv_src_token,
-                                  args->recv_expert, args->recv_weight, stream),
-            "expand kernel");
-    if (align > 1)
-      CK_CUDA(disco_k_padding(&kp, dp, args->recv_x, args->recv_src_rank,
-                              args->recv_src_token, args->recv_expert, args->recv_weight,
-                              stream),
-              "padding kernel");
-  }
-  CK_CUDA(disco_nd_ack(&kp, &st->nd, stream), "ack kernel");
+  io.recv_x = args->recv_x;
+  io.src_rank = args->recv_src_rank;
+  io.src_token = args->recv_src_token;
+  io.expert = args->recv_expert;
+  io.weight = args->recv_weight;
+  io.n_to = args->n_tokens_to_rank;
+  io.n_from = args->n_tokens_from_rank;
+  io.tokens_per_expert = args->tokens_per_expert;
+  io.num_recv_rows = args->num_recv_rows;
+  io.capacity = args->recv_x ? args->recv_capacity : 0;
+  CK_CUDA(disco_nd_k_dispatch(&kp, &st->nd, dp, &io, stream), "dispatch kernel");
   rc = disco_nd_mark(comm, stream, fn);
   *num_rows = -1; /* on the device only (args->num_recv_rows) */
 done:
@@ -93,19 +96,15 @@ void disco_nd_dispatch_abort(disco_comm_t *comm, disco_handle_t *handle, void *s
   disco_nd_plan_t *pl = handle->backend_plan;
   cudaStream_t stream = (cudaStream_t)stream_v;
   disco_kparams_t kp = st->kp;
+  disco_nd_io_t io = nd_io(NULL, 1, 0, (int)code, DISCO_CALL_DISPATCH);
   if (pl == NULL || disco_nd_fatal(comm, fn) != DISCO_SUCCESS ||
       cudaSetDevice(st->device) != cudaSuccess)
     return;
   /* Peers latch DISCO_ERR_REMOTE from this rank's status; this rank's own
    * error is the call's return value, so it is not latched here. */
   kp.lerr = NULL;
-  if (disco_nd_send(&kp, &st->nd, &pl->dev, NULL, NULL, 0, 0, 0, (int)code, stream) !=
-          cudaSuccess ||
-      disco_nd_recv(&kp, &st->nd, &pl->dev, DISCO_LAYOUT_EXPERT_MAJOR, 1, NULL, NULL,
-                    NULL, NULL, 0, DISCO_CALL_DISPATCH, stream) != cudaSuccess ||
-      disco_nd_ack(&kp, &st->nd, stream) != cudaSuccess)
-    return;
-  (void)disco_nd_mark(comm, stream, fn);
+  if (disco_nd_k_dispatch(&kp, &st->nd, &pl->dev, &io, stream) == cudaSuccess)
+    (void)disco_nd_mark(comm, stream, fn);
 }
 
 static disco_result_t nd_combine(disco_comm_t *comm, disco_handle_t *handle,
@@ -123,13 +122,11 @@ static disco_result_t nd_combine(disco_comm_t *comm, disco_handle_t *handle,
   if (rc != DISCO_SUCCESS) return rc;
   if (code != DISCO_SUCCESS) kp.lerr = NULL; /* returned by the call itself */
   CK_CUDA(cudaSetDevice(st->device), "cudaSetDevice");
-  CK_CUDA(disco_nd_csend(&kp, &st->nd, &pl->dev, args ? args->y : NULL,
-                         args ? args->y_rows : -1, args ? args->weighted : 0, wire32,
-                         rank_major, (int)code, stream),
-          "combine send kernel");
-  CK_CUDA(disco_nd_ctoken(&kp, &st->nd, &pl->dev, args ? args->out : NULL, wire32,
-                          code != DISCO_SUCCESS ? 0 : handle->num_tokens, stream),
-          "combine token kernel");
+  CK_CUDA(disco_nd_k_combine(&kp, &st->nd, &pl->dev, args ? args->y : NULL,
+                             args ? args->y_rows : -1, args ? args->weighted : 0, wire32,
+                             rank_major, (int)code, args ? args->out : NULL,
+                             code != DISCO_SUCCESS ? 0 : handle->num_tokens, stream),
+          "combine kernel");
   rc = disco_nd_mark(comm, stream, fn);
 done:
   return rc;
