@@ -166,6 +166,42 @@ __device__ int nd_wait_block0(const disco_nd_params_t &nd, const u64 *word, u64 
   }
 }
 
+/* Pieces each row is cut into so that n rows keep nb blocks busy (small
+ * batches: several blocks per row; large ones: a block per row). */
+__device__ __forceinline__ int nd_parts(int nb, long long n, int nv) {
+  const long long pmax = (nv + DISCO_ND_THREADS - 1) / DISCO_ND_THREADS;
+  const long long pp = n > 0 ? nb / n : 1;
+  return (int)(pp < 1 ? 1 : pp > pmax ? pmax : pp);
+}
+
+/* Vectors [lo, hi) of piece `part` of P of an nv-vector row. */
+__device__ __forceinline__ void nd_piece(int nv, int P, int part, int *lo, int *hi) {
+  *lo = (int)((long long)nv * part / P);
+  *hi = (int)((long long)nv * (part + 1) / P);
+}
+
+/* Batched 16-byte copy of vectors [lo, hi): ND_UNROLL loads in flight per
+ * thread before their stores, to up to nd destinations. */
+#define ND_UNROLL 4
+template <bool CG>
+__device__ __forceinline__ void nd_copy(uint4 *const *dst, int nd, const uint4 *src,
+                                        int lo, int hi) {
+  for (int v0 = lo + threadIdx.x; v0 < hi; v0 += ND_UNROLL * DISCO_ND_THREADS) {
+    uint4 a[ND_UNROLL];
+#pragma unroll
+    for (int u = 0; u < ND_UNROLL; u++) {
+      const int v = v0 + u * DISCO_ND_THREADS;
+      if (v < hi) a[u] = CG ? __ldcg(src + v) : __ldg(src + v);
+    }
+#pragma unroll
+    for (int u = 0; u < ND_UNROLL; u++) {
+      const int v = v0 + u * DISCO_ND_THREADS;
+      if (v < hi)
+        for (int k = 0; k < nd; k++) dst[k][v] = a[u];
+    }
+  }
+}
+
 /* Every block: sync, then thread 0's result in all threads. */
 __device__ __forceinline__ int nd_block_all(int v) {
   __shared__ int flag;
@@ -179,7 +215,7 @@ __device__ __forceinline__ int nd_block_all(int v) {
 /* Rows and metadata of token t to every destination's slot (block-wide). */
 __device__ void nd_send_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
                               const disco_dev_plan_t &pl, const uint4 *x, const float *w,
-                              int t, int rank_major) {
+                              int t, int rank_major, int lo, int hi, int first) {
   const int r = p.rank, K = p.top_k, L = p.num_local, E = p.num_experts;
   const int nc = p.num_cols, C = 32 * p.layout_warps, nv = p.row_vecs, mi = p.meta_ints;
   const int lane = threadIdx.x & 31;
@@ -187,7 +223,7 @@ __device__ void nd_send_token(const disco_kparams_t &p, const disco_nd_params_t 
   const int *bb = pl.blk_base + (long long)(t / C) * nc;
   const int *dest = pl.tok_dest + (long long)t * p.kd;
   const int *dpos = pl.tok_dpos + (long long)t * p.kd;
-  if (threadIdx.x < 32) {
+  if (first && threadIdx.x < 32) {
     /* Metadata: [src_token, n_local, then (j | l << 8, pos, weight) per local
      * slot in slot order], as the nccl backend's pack. */
     for (int k = 0; k < p.kd; k++) {
@@ -216,28 +252,18 @@ __device__ void nd_send_token(const disco_kparams_t &p, const disco_nd_params_t 
       }
     }
   }
-  uint4 *dst[8];
-  int nd_ = 0;
-  for (int k = 0; k < p.kd && k < 8; k++) {
-    const int d = dest[k];
-    if (d < 0) break;
-    if (d == r && !rank_major) continue; /* expand reads x */
-    dst[nd_++] = (uint4 *)(nd.peer[d] + nd.off_rows) +
+  /* Up to 8 destinations per pass (min(K, W) > 8 re-reads the row). */
+  for (int k0 = 0; k0 < p.kd; k0 += 8) {
+    uint4 *dst[8];
+    int n = 0;
+    for (int k = k0; k < p.kd && k < k0 + 8; k++) {
+      const int d = dest[k];
+      if (d < 0) break;
+      if (d == r && !rank_major) continue; /* expand reads x */
+      dst[n++] = (uint4 *)(nd.peer[d] + nd.off_rows) +
                  ((long long)r * M + bb[E + d] + dpos[k]) * nv;
-  }
-  for (int k = 8; k < p.kd; k++) { /* more than 8 destinations: rare, slow path */
-    const int d = dest[k];
-    if (d < 0) break;
-    if (d == r && !rank_major) continue;
-    uint4 *o = (uint4 *)(nd.peer[d] + nd.off_rows) +
-               ((long long)r * M + bb[E + d] + dpos[k]) * nv;
-    for (int v = threadIdx.x; v < nv; v += blockDim.x)
-      o[v] = __ldg(x + (long long)t * nv + v);
-  }
-  const uint4 *src = x + (long long)t * nv;
-  for (int v = threadIdx.x; v < nv; v += blockDim.x) {
-    const uint4 val = __ldg(src + v);
-    for (int k = 0; k < nd_; k++) dst[k][v] = val;
+    }
+    if (n > 0) nd_copy<false>(dst, n, x + (long long)t * nv, lo, hi);
   }
 }
 
@@ -246,14 +272,14 @@ __device__ void nd_send_token(const disco_kparams_t &p, const disco_nd_params_t 
 __device__ void nd_expand_expert(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                  const disco_dev_plan_t &pl, const uint4 *x, long long i,
                                  uint4 *recv_x, int *src_rank, int *src_token,
-                                 int *expert, float *weight) {
+                                 int *expert, float *weight, int lo, int hi, int first) {
   const int lane = threadIdx.x & 31, K = p.top_k, L = p.num_local, nv = p.row_vecs;
   const int s = nd_source(pl, p.world, i);
   const long long slot = (long long)s * p.max_tokens + (i - pl.recv_off[s]);
   const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
   const int t = __ldcg(meta), n = __ldcg(meta + 1);
   const int64_t *sb = pl.srcbase + (long long)s * L;
-  if (threadIdx.x < 32) {
+  if (first && threadIdx.x < 32) {
     for (int q = lane; q < n; q += 32) {
       const int l = __ldcg(meta + 2 + 3 * q) >> 8;
       const float wt = __int_as_float(__ldcg(meta + 4 + 3 * q));
@@ -269,33 +295,34 @@ __device__ void nd_expand_expert(const disco_kparams_t &p, const disco_nd_params
     }
     if (lane == 0 && n < K) pl.comb_rows[i * K + n] = -1;
   }
-  uint4 *dst[8];
-  const int nn = n < 8 ? n : 8;
-  for (int q = 0; q < nn; q++)
-    dst[q] = recv_x + (sb[__ldcg(meta + 2 + 3 * q) >> 8] + __ldcg(meta + 3 + 3 * q)) * nv;
-  const uint4 *src = s == p.rank ? x + (long long)t * nv
-                                 : (const uint4 *)(nd.local + nd.off_rows) + slot * nv;
-  for (int v = threadIdx.x; v < nv; v += blockDim.x) {
-    const uint4 val = s == p.rank ? __ldg(src + v) : __ldcg(src + v);
-    for (int q = 0; q < nn; q++) dst[q][v] = val;
-    for (int q = 8; q < n; q++)
-      recv_x[(sb[__ldcg(meta + 2 + 3 * q) >> 8] + __ldcg(meta + 3 + 3 * q)) * nv + v] =
-          val;
+  for (int q0 = 0; q0 < n; q0 += 8) { /* up to 8 expert rows per pass */
+    uint4 *dst[8];
+    const int nn = n - q0 < 8 ? n - q0 : 8;
+    for (int q = 0; q < nn; q++)
+      dst[q] = recv_x + (sb[__ldcg(meta + 2 + 3 * (q0 + q)) >> 8] +
+                         __ldcg(meta + 3 + 3 * (q0 + q))) *
+                            nv;
+    if (s == p.rank)
+      nd_copy<false>(dst, nn, x + (long long)t * nv, lo, hi);
+    else
+      nd_copy<true>(dst, nn, (const uint4 *)(nd.local + nd.off_rows) + slot * nv, lo, hi);
   }
 }
 
 /* Received token i (RANK_MAJOR): its row out of the slot, src and K slots. */
 __device__ void nd_expand_rank(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                const disco_dev_plan_t &pl, long long i, uint4 *recv_x,
-                               int *src_rank, int *src_token, int *expert,
-                               float *weight) {
+                               int *src_rank, int *src_token, int *expert, float *weight,
+                               int lo, int hi, int first) {
   const int K = p.top_k, nv = p.row_vecs;
   const int s = nd_source(pl, p.world, i);
   const long long slot = (long long)s * p.max_tokens + (i - pl.recv_off[s]);
   const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
   const int n = __ldcg(meta + 1);
   const uint4 *src = (const uint4 *)(nd.local + nd.off_rows) + slot * nv;
-  for (int v = threadIdx.x; v < nv; v += blockDim.x) recv_x[i * nv + v] = __ldcg(src + v);
+  uint4 *dst = recv_x + i * nv;
+  nd_copy<true>(&dst, 1, src, lo, hi);
+  if (!first) return;
   if (threadIdx.x == 0) {
     if (src_rank) src_rank[i] = s;
     if (src_token) src_token[i] = __ldcg(meta);
@@ -319,7 +346,7 @@ __device__ void nd_expand_rank(const disco_kparams_t &p, const disco_nd_params_t
  * waits for every source and makes the receive plan -> every block expands
  * -> the last block acks. Blocks are co-resident (cooperative launch): they
  * wait for each other only through block 0's plan word and the counters. */
-__global__ void __launch_bounds__(DISCO_ND_THREADS)
+__global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_dispatch_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
                        const uint4 *x, const float *w, int T, int layout, int align,
                        int rows_on, int status_in, int call_kind, uint4 *recv_x,
@@ -350,7 +377,11 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS)
       ((long long *)(nd.peer[d] + nd.off_cnt))[(long long)r * ml + f] = v;
     }
   if (rows_on && st == 0)
-    for (int t = b; t < T; t += nb) nd_send_token(p, nd, pl, x, w, t, rank_major);
+    for (int P = nd_parts(nb, T, p.row_vecs), it = b; it < T * P; it += nb) {
+      int lo, hi;
+      nd_piece(p.row_vecs, P, it % P, &lo, &hi);
+      nd_send_token(p, nd, pl, x, w, it / P, rank_major, lo, hi, it % P == 0);
+    }
   if (nd_last_block(&nd.done[0]))
     for (int d = 0; d < W; d++)
       if (d != r)
@@ -381,11 +412,17 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS)
    * rows fit), padding rows. */
   if (rows_on && *(volatile int32_t *)pl.go) {
     const long long R = pl.recv_off[W];
-    for (long long i = b; i < R; i += nb) {
+    const int P = nd_parts(nb, R, p.row_vecs);
+    for (long long it = b; it < R * P; it += nb) {
+      const long long i = it / P;
+      int lo, hi;
+      nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
       if (rank_major)
-        nd_expand_rank(p, nd, pl, i, recv_x, src_rank, src_token, expert, weight);
+        nd_expand_rank(p, nd, pl, i, recv_x, src_rank, src_token, expert, weight, lo, hi,
+                       it % P == 0);
       else
-        nd_expand_expert(p, nd, pl, x, i, recv_x, src_rank, src_token, expert, weight);
+        nd_expand_expert(p, nd, pl, x, i, recv_x, src_rank, src_token, expert, weight, lo,
+                         hi, it % P == 0);
     }
     if (!rank_major && align > 1)
       for (int l = b; l < p.num_local; l += nb) {
@@ -416,21 +453,21 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS)
  * row (RANK_MAJOR), store at the token owner's slot (block-wide). */
 __device__ void nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                const disco_dev_plan_t &pl, const uint4 *y, long long i,
-                               int weighted, int wire32, int rank_major) {
+                               int weighted, int wire32, int rank_major, int lo, int hi) {
   const int W = p.world, K = p.top_k, nv = p.row_vecs;
   const int nq = p.dtype == DISCO_DTYPE_FP32 ? 1 : 2;
   const int q = nd_source(pl, W, i);
   uint4 *dst = (uint4 *)(nd.peer[q] + nd.off_part) +
                ((long long)p.rank * p.max_tokens + (i - pl.recv_off[q])) * nd.part_vecs;
   if (rank_major) { /* the caller reduced: the row goes back as it is */
-    for (int v = threadIdx.x; v < nv; v += blockDim.x) dst[v] = __ldg(y + i * nv + v);
+    nd_copy<false>(&dst, 1, y + i * nv, lo, hi);
     return;
   }
   const int *rws = pl.comb_rows + i * K;
   const float *ws = pl.comb_w + i * K;
   int n = 0;
   while (n < K && rws[n] >= 0) n++;
-  for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+  for (int v = lo + threadIdx.x; v < hi; v += blockDim.x) {
     float acc[8], f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int e = 0; e < 8; e++) acc[e] = 0.0f;
@@ -457,8 +494,8 @@ __device__ void nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t
 
 /* Token side of token t: fold over destinations ascending (block-wide). */
 __device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
-                                const disco_dev_plan_t &pl, uint4 *out, int wire32,
-                                int t) {
+                                const disco_dev_plan_t &pl, uint4 *out, int wire32, int t,
+                                int lo, int hi) {
   const int kd = p.kd, nv = p.row_vecs, nq = p.dtype == DISCO_DTYPE_FP32 ? 1 : 2;
   const long long M = p.max_tokens;
   const uint4 *part = (const uint4 *)(nd.local + nd.off_part);
@@ -466,7 +503,7 @@ __device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_
   const int *trow = pl.tok_row + (long long)t * kd;
   int n = 0;
   while (n < kd && dest[n] >= 0) n++;
-  for (int v = threadIdx.x; v < nv; v += blockDim.x) {
+  for (int v = lo + threadIdx.x; v < hi; v += blockDim.x) {
     float acc[8], f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int e = 0; e < 8; e++) acc[e] = 0.0f; /* +0.0 for tokens with no slot */
@@ -511,7 +548,7 @@ __device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_
 
 /* One launch per combine: expert side -> flags -> every block waits for every
  * expert rank's flag -> token side -> the last block acks. */
-__global__ void __launch_bounds__(DISCO_ND_THREADS)
+__global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_combine_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
                       const uint4 *y, long long y_rows, int weighted, int wire32,
                       int rank_major, int status_in, uint4 *out, int T) {
@@ -537,8 +574,12 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS)
   if (!nd_block_all(ok)) return;
   if (st == 0) {
     const long long R = pl.recv_off[W];
-    for (long long i = b; i < R; i += nb)
-      nd_csend_token(p, nd, pl, y, i, weighted, wire32, rank_major);
+    const int P = nd_parts(nb, R, p.row_vecs);
+    for (long long it = b; it < R * P; it += nb) {
+      int lo, hi;
+      nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
+      nd_csend_token(p, nd, pl, y, it / P, weighted, wire32, rank_major, lo, hi);
+    }
   }
   if (nd_last_block(&nd.done[1]))
     for (int d = 0; d < W; d++)
@@ -554,7 +595,11 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS)
   ok = nd_block_all(ok);
   if (!ok) return;
   if (ok == 1)
-    for (int t = b; t < T; t += nb) nd_ctoken_token(p, nd, pl, out, wire32, t);
+    for (int P = nd_parts(nb, T, p.row_vecs), it = b; it < T * P; it += nb) {
+      int lo, hi;
+      nd_piece(p.row_vecs, P, it % P, &lo, &hi);
+      nd_ctoken_token(p, nd, pl, out, wire32, it / P, lo, hi);
+    }
   if (nd_last_block(&nd.done[3])) {
     for (int d = 0; d < W; d++)
       if (d != r) nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_CACK, r), c << 8);
