@@ -460,7 +460,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
             const long long n = pl.msg[(long long)d * ml + DISCO_MSG_TOKENS];
             nd_chunk_piece(nd.dcnt + (long long)d * nd.nchunks + c,
                            nd_chunk_rows(n, c) * (unsigned)P,
-                           nd_chunk_flag(nd, nd.peer[d], nd.off_dchunk, r, c), s);
+                           nd_chunk_flag(nd, nd.peer[d], nd.off_dchunk, r, c), s << 8);
           }
         }
       }
@@ -696,7 +696,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
           nd_chunk_piece(
               nd.ccnt + (long long)o * nd.nchunks + ch,
               nd_chunk_rows(pl.recv_off[o + 1] - pl.recv_off[o], ch) * (unsigned)P,
-              nd_chunk_flag(nd, nd.peer[o], nd.off_cchunk, r, ch), c);
+              nd_chunk_flag(nd, nd.peer[o], nd.off_cchunk, r, ch), c << 8);
         }
       }
     }

@@ -32,7 +32,7 @@ enum {
   DISCO_ND_DEAD = 5,   /* q gave up (timed out): nobody waits for it any more */
   DISCO_ND_KINDS = 6
 };
-/* Rows per chunk flag (DCHUNK / CCHUNK areas: [source W][nchunks] u64 = seq). */
+/* Rows per chunk flag (DCHUNK / CCHUNK areas: [source W][nchunks] u64 = seq << 8). */
 #define DISCO_ND_CHUNK 64
 /* Phases named by a TIMEOUT record (DISCO_LATCH_A). */
 enum {
