@@ -410,7 +410,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                        int64_t *num_rows_out, long long cap) {
   if (nd_dead(nd)) return;
   const int W = p.world, r = p.rank, ml = p.msg_len, nb = gridDim.x, nv = p.row_vecs;
-  const int nR = nb >= 3 ? nb / 3 : 1, nS = nb - nR > 0 ? nb - nR : 1;
+  const int nR = nb * nd.recv_pct / 100 > 1 ? nb * nd.recv_pct / 100 : 1;
+  const int nS = nb - nR > 0 ? nb - nR : 1;
   const int b = blockIdx.x;
   const int rank_major = layout == DISCO_LAYOUT_RANK_MAJOR;
   const u64 s = nd.seq[0] + 1ull;
@@ -649,7 +650,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                       int rank_major, int status_in, uint4 *out, int T) {
   if (nd_dead(nd)) return;
   const int W = p.world, r = p.rank, nb = gridDim.x, b = blockIdx.x, nv = p.row_vecs;
-  const int nT = nb >= 3 ? nb / 3 : 1, nE = nb - nT > 0 ? nb - nT : 1;
+  const int nT = nb * nd.token_pct / 100 > 1 ? nb * nd.token_pct / 100 : 1;
+  const int nE = nb - nT > 0 ? nb - nT : 1;
   const u64 c = nd.seq[1] + 1ull;
   const u64 call = (u64)DISCO_CALL_COMBINE << 32 | (c & 0xffffffffull);
   const int stat_kind = (c & 1ull) ? DISCO_ND_CSTAT1 : DISCO_ND_CSTAT0;

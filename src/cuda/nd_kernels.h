@@ -58,6 +58,8 @@ typedef struct disco_nd_params {
   unsigned *done;          /* device [4]: blocks done per phase, 0 between calls */
   unsigned long long *plan;   /* device: dispatch seq whose receive plan is made */
   int max_grid;               /* co-resident blocks of one launch */
+  int recv_pct;               /* share of a dispatch's blocks that receive (%) */
+  int token_pct;              /* share of a combine's blocks on the token side (%) */
   unsigned long long *fatal;  /* device word, != 0 after a timeout: exit */
   unsigned long long *hfatal; /* mapped host record of the fatal error */
   unsigned long long timeout_ns;

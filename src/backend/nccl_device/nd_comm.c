@@ -328,6 +328,11 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.ccnt = st->nd.dcnt + (size_t)W * (size_t)st->nd.nchunks;
   st->nd.hfatal = st->drec + DISCO_LATCH_WORDS;
   st->nd.timeout_ns = (unsigned long long)comm->timeout_ms * 1000000ull;
+  /* Block roles (tuning knobs, percent, local to this rank). */
+  const char *e = getenv("DISCO_ND_DISPATCH_RECV_PCT");
+  st->nd.recv_pct = e != NULL && atoi(e) > 0 && atoi(e) < 100 ? atoi(e) : 50;
+  e = getenv("DISCO_ND_COMBINE_TOKEN_PCT");
+  st->nd.token_pct = e != NULL && atoi(e) > 0 && atoi(e) < 100 ? atoi(e) : 33;
   p->slotted = 1;
   p->lerr = st->drec;
   /* The symmetric window, zeroed before any peer can see it (flags start at 0). */
