@@ -410,15 +410,20 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                        int64_t *num_rows_out, long long cap) {
   if (nd_dead(nd)) return;
   const int W = p.world, r = p.rank, ml = p.msg_len, nb = gridDim.x, nv = p.row_vecs;
-  const int nR = nb * nd.recv_pct / 100 > 1 ? nb * nd.recv_pct / 100 : 1;
-  const int nS = nb - nR > 0 ? nb - nR : 1;
+  /* recv_pct 0 (default): every block sends, then receives (measured faster
+   * for dispatch than split roles on 4x H200: 4096 tokens K=8 769 us vs
+   * 797-992 us with 33-67% receivers); else that share receives. */
+  const int both = nd.recv_pct <= 0 || gridDim.x == 1;
+  const int nR =
+      both ? gridDim.x : (nb * nd.recv_pct / 100 > 1 ? nb * nd.recv_pct / 100 : 1);
+  const int nS = both ? gridDim.x : (nb - nR > 0 ? nb - nR : 1);
   const int b = blockIdx.x;
   const int rank_major = layout == DISCO_LAYOUT_RANK_MAJOR;
   const u64 s = nd.seq[0] + 1ull;
   const u64 call = (u64)call_kind << 32 | (s & 0xffffffffull);
   const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
   int ok = 1, bad, code;
-  if (b < nS || nb == 1) {
+  if (both || b < nS) {
     /* ---- send: the peers have read our previous slots first ---- */
     if (threadIdx.x == 0)
       ok = nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad,
@@ -467,9 +472,9 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
       }
     }
   }
-  if (b >= nS || nb == 1) {
+  if (both || b >= nS) {
     /* ---- receive ---- */
-    const int rb = nb == 1 ? 0 : b - nS, nr = nb == 1 ? 1 : nR;
+    const int rb = both ? b : b - nS, nr = nR;
     if (rb == 0) {
       if (threadIdx.x == 0)
         ok = nd_wait_all(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad, &code,

@@ -330,7 +330,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.timeout_ns = (unsigned long long)comm->timeout_ms * 1000000ull;
   /* Block roles (tuning knobs, percent, local to this rank). */
   const char *e = getenv("DISCO_ND_DISPATCH_RECV_PCT");
-  st->nd.recv_pct = e != NULL && atoi(e) > 0 && atoi(e) < 100 ? atoi(e) : 50;
+  st->nd.recv_pct = e != NULL && atoi(e) > 0 && atoi(e) < 100 ? atoi(e) : 0;
   e = getenv("DISCO_ND_COMBINE_TOKEN_PCT");
   st->nd.token_pct = e != NULL && atoi(e) > 0 && atoi(e) < 100 ? atoi(e) : 33;
   p->slotted = 1;
