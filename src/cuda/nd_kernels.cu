@@ -698,28 +698,24 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
       const long long R = pl.recv_off[W];
       const int P = nd_parts(nE, R, nv);
       const long long items = nd_items(pl, W, P);
-      for (long long g0 = b; g0 < items; g0 += (long long)ND_FENCE_EVERY * nE) {
-        for (int u = 0; u < ND_FENCE_EVERY && g0 + (long long)u * nE < items; u++) {
-          int o, part, lo, hi;
-          long long j;
-          if (!nd_item(pl, W, g0 + (long long)u * nE, P, &o, &j, &part)) continue;
-          nd_piece(nv, P, part, &lo, &hi);
-          nd_csend_token(p, nd, pl, y, pl.recv_off[o] + j, weighted, wire32, rank_major,
-                         lo, hi);
-        }
+      /* Per item here, not per ND_FENCE_EVERY items: the token side waits
+       * on these chunks, and batching delayed them (4x H200, 4096 tokens
+       * K=8 combine 1128 us batched vs 797 us per item). */
+      for (long long g = b; g < items; g += nE) {
+        int o, part, lo, hi;
+        long long j;
+        if (!nd_item(pl, W, g, P, &o, &j, &part)) continue;
+        nd_piece(nv, P, part, &lo, &hi);
+        nd_csend_token(p, nd, pl, y, pl.recv_off[o] + j, weighted, wire32, rank_major, lo,
+                       hi);
         __syncthreads();
         if (threadIdx.x == 0) {
           __threadfence_system();
-          for (int u = 0; u < ND_FENCE_EVERY && g0 + (long long)u * nE < items; u++) {
-            int o, part;
-            long long j;
-            if (!nd_item(pl, W, g0 + (long long)u * nE, P, &o, &j, &part)) continue;
-            const long long ch = j / DISCO_ND_CHUNK;
-            nd_chunk_piece(
-                nd.ccnt + (long long)o * nd.nchunks + ch,
-                nd_chunk_rows(pl.recv_off[o + 1] - pl.recv_off[o], ch) * (unsigned)P,
-                nd_chunk_flag(nd, nd.peer[o], nd.off_cchunk, r, ch), c << 8);
-          }
+          const long long ch = j / DISCO_ND_CHUNK;
+          nd_chunk_piece(
+              nd.ccnt + (long long)o * nd.nchunks + ch,
+              nd_chunk_rows(pl.recv_off[o + 1] - pl.recv_off[o], ch) * (unsigned)P,
+              nd_chunk_flag(nd, nd.peer[o], nd.off_cchunk, r, ch), c << 8);
         }
       }
     }
