@@ -120,6 +120,7 @@ typedef struct tctx {
   const void *ys[64];
   int failures;
   int small;
+  int short_rows; /* combine_errors: rank W-1 received rows (y_rows - 1 >= 0) */
   pthread_mutex_t mu;
 } tctx_t;
 
@@ -407,6 +408,44 @@ static void rank_body(int r, void *arg) {
                             exp) != 0)
         fail(x, r, "disco_ref_combine failed%s %lld %lld", "", 0, 0);
       cmp(x, r, "combine out", d.out, exp, T, rb);
+      /* nccl_device only (the nccl backend has no status exchange in combine):
+       * a combine error on one rank reaches its peers as REMOTE, nothing is
+       * written anywhere, and the comm stays usable. Step 0: rank 0's out is
+       * misaligned (found on the host); step 1: rank W-1's y_rows is one short
+       * (found on the device). */
+      if (g_nd && W > 1 && it == 0 && !strcmp(c->name, "basic")) {
+        if (r == W - 1) x->short_rows = ref.num_rows > 0;
+        pthread_barrier_wait(&x->gw->barrier);
+        for (int step = 0; step < 2; step++) {
+          const int bad = step == 0 ? 0 : W - 1;
+          disco_combine_args_t eb = ca;
+          disco_result_t want_c = DISCO_ERR_REMOTE;
+          if (step == 1 && !x->short_rows) break;
+          if (r == bad) {
+            want_c = step == 0 ? DISCO_ERR_MISALIGNED : DISCO_ERR_CAPACITY;
+            if (step == 0)
+              eb.out = (char *)d.out + 2;
+            else
+              eb.y_rows = ref.num_rows - 1;
+          }
+          CUDA(cudaMemset(d.out, 0xA5, (size_t)M * rb + 16));
+          CUDA(cudaDeviceSynchronize());
+          rc = outcome(x, r, comm, disco_combine(comm, h, &eb), msg, sizeof(msg));
+          CUDA(cudaStreamSynchronize(stream));
+          if (rc != want_c)
+            fail(x, r, "combine error step %s: got %lld, expected %lld",
+                 step == 0 ? "host" : "device", rc, want_c);
+          else if (strstr(msg, "rank") == NULL)
+            fail(x, r, "combine error message names no rank: %s %lld %lld", msg, 0, 0);
+          untouched(x, r, "combine out", d.out, (size_t)T * rb);
+          pthread_barrier_wait(&x->gw->barrier);
+        }
+        rc = outcome(x, r, comm, disco_combine(comm, h, &ca), msg, sizeof(msg));
+        CUDA(cudaStreamSynchronize(stream));
+        if (rc != DISCO_SUCCESS)
+          fail(x, r, "combine after errors: %s %lld %lld", msg, rc, 0);
+        cmp(x, r, "combine out after errors", d.out, exp, T, rb);
+      }
       if (identity) cmp(x, r, "combine(dispatch(x)) == x", d.out, x->in.x[r], T, rb);
       free(exp);
       pthread_barrier_wait(&x->gw->barrier);
