@@ -89,15 +89,14 @@ __device__ int nd_wait(const disco_kparams_t &p, const disco_nd_params_t &nd,
 /* Thread 0 waits for `kind` flags of every peer; 1 when all arrived. *bad:
  * lowest peer whose flag carries a failure status (-1 none), its code. */
 __device__ int nd_wait_all(const disco_kparams_t &p, const disco_nd_params_t &nd,
-                           int kind, u64 want, int phase, u64 call, int *bad, int *code,
-                           int self = 0) {
+                           int kind, u64 want, int phase, u64 call, int *bad, int *code) {
   *bad = -1;
   *code = 0;
   for (int q = 0; q < p.world; q++) /* fail fast if a peer already gave up */
     if (q != p.rank && nd_peer_dead(p, nd, q, call)) return 0;
   for (int q = 0; q < p.world; q++) {
     u64 v = 0;
-    if (q == p.rank && !self) continue;
+    if (q == p.rank) continue;
     if (!nd_wait(p, nd, nd_flag(nd, nd.local, p.world, kind, q), want, q, phase, call,
                  &v))
       return 0;
@@ -145,10 +144,7 @@ extern "C" unsigned long long disco_nd_window_layout(const disco_kparams_t *p,
     nd->field = off;                                  \
     off += ((bytes) + (align)-1) / (align) * (align); \
   } while (0)
-  nd->nchunks = (long long)((M + DISCO_ND_CHUNK - 1) / DISCO_ND_CHUNK);
-  ND_CARVE(off_flags, DISCO_ND_KINDS * W * 8u, 256u);
-  ND_CARVE(off_dchunk, W * (u64)nd->nchunks * 8u, 256u);
-  ND_CARVE(off_cchunk, W * (u64)nd->nchunks * 8u, 4096u);
+  ND_CARVE(off_flags, DISCO_ND_KINDS * W * 8u, 4096u);
   ND_CARVE(off_cnt, W * (u64)p->msg_len * 8u, 256u);
   ND_CARVE(off_meta, W * M * (u64)p->meta_ints * 4u, 256u);
   ND_CARVE(off_rows, W * M * (u64)p->row_bytes, 256u);
@@ -187,7 +183,6 @@ __device__ __forceinline__ void nd_piece(int nv, int P, int part, int *lo, int *
 /* Batched 16-byte copy of vectors [lo, hi): ND_UNROLL loads in flight per
  * thread before their stores, to up to nd destinations. */
 #define ND_UNROLL 4
-#define ND_FENCE_EVERY 8 /* items between a block's system fences */
 template <bool CG>
 __device__ __forceinline__ void nd_copy(uint4 *const *dst, int nd, const uint4 *src,
                                         int lo, int hi) {
@@ -347,61 +342,10 @@ __device__ void nd_expand_rank(const disco_kparams_t &p, const disco_nd_params_t
   }
 }
 
-/* Chunks: slot rows travel in chunks of DISCO_ND_CHUNK; a chunk's flag at the
- * receiver says all its rows (every piece) are stored. Receivers walk their
- * work chunk-major across sources, so every source's first chunks are used
- * first and the copies on this GPU overlap the transfers still on the wire. */
-
-/* Padded chunk-major item g -> source q, slot row j, piece; 0 for padding. */
-__device__ __forceinline__ int nd_item(const disco_dev_plan_t &pl, int W, long long g,
-                                       int P, int *q, long long *j, int *part) {
-  *part = (int)(g % P);
-  long long h = g / P;
-  const long long jj = h % DISCO_ND_CHUNK;
-  h /= DISCO_ND_CHUNK;
-  *q = (int)(h % W);
-  *j = (h / W) * DISCO_ND_CHUNK + jj;
-  return *j < pl.recv_off[*q + 1] - pl.recv_off[*q];
-}
-
-/* Padded items covering every received token: rounds of W chunks. */
-__device__ __forceinline__ long long nd_items(const disco_dev_plan_t &pl, int W, int P) {
-  long long most = 0;
-  for (int q = 0; q < W; q++) {
-    const long long n = pl.recv_off[q + 1] - pl.recv_off[q];
-    most = n > most ? n : most;
-  }
-  return (most + DISCO_ND_CHUNK - 1) / DISCO_ND_CHUNK * W * DISCO_ND_CHUNK * P;
-}
-
-/* Rows of chunk c of an n-row slot. */
-__device__ __forceinline__ unsigned nd_chunk_rows(long long n, long long c) {
-  const long long r = n - c * DISCO_ND_CHUNK;
-  return (unsigned)(r < DISCO_ND_CHUNK ? r : DISCO_ND_CHUNK);
-}
-
-/* Thread 0, after the block's stores of one piece of a chunk: count it; the
- * piece that completes the chunk publishes `flag` (release, system scope)
- * and resets the counter for the next call. */
-__device__ __forceinline__ void nd_chunk_piece(unsigned *cnt, unsigned need, u64 *flag,
-                                               u64 val) {
-  if (atomicAdd(cnt, 1u) + 1u != need) return;
-  __threadfence_system();
-  *cnt = 0u;
-  nd_st_release(flag, val);
-}
-
-__device__ __forceinline__ u64 *nd_chunk_flag(const disco_nd_params_t &nd, char *base,
-                                              unsigned long long off, int src,
-                                              long long c) {
-  return (u64 *)(base + off) + (long long)src * nd.nchunks + c;
-}
-
-/* One launch per dispatch after the layout kernel. Blocks [0, nS) send (count
- * messages first, with an early flag, then rows chunk by chunk); blocks
- * [nS, nb) receive: the first makes the receive plan from the counts, all
- * then expand chunks as their flags arrive. The last block to finish acks
- * every source. Blocks are co-resident (cooperative launch). */
+/* One launch per dispatch after the layout kernel: send -> (flags) -> block 0
+ * waits for every source and makes the receive plan -> every block expands
+ * -> the last block acks. Blocks are co-resident (cooperative launch): they
+ * wait for each other only through block 0's plan word and the counters. */
 __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_dispatch_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
                        const uint4 *x, const float *w, int T, int layout, int align,
@@ -410,145 +354,93 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                        int32_t *n_to, int32_t *n_from, int32_t *tpe,
                        int64_t *num_rows_out, long long cap) {
   if (nd_dead(nd)) return;
-  const int W = p.world, r = p.rank, ml = p.msg_len, nb = gridDim.x, nv = p.row_vecs;
-  /* recv_pct 0 (default): every block sends, then receives (measured faster
-   * for dispatch than split roles on 4x H200: 4096 tokens K=8 769 us vs
-   * 797-992 us with 33-67% receivers); else that share receives. */
-  const int both = nd.recv_pct <= 0 || gridDim.x == 1;
-  const int nR =
-      both ? gridDim.x : (nb * nd.recv_pct / 100 > 1 ? nb * nd.recv_pct / 100 : 1);
-  const int nS = both ? gridDim.x : (nb - nR > 0 ? nb - nR : 1);
-  const int b = blockIdx.x;
+  const int W = p.world, r = p.rank, ml = p.msg_len, b = blockIdx.x, nb = gridDim.x;
   const int rank_major = layout == DISCO_LAYOUT_RANK_MAJOR;
   const u64 s = nd.seq[0] + 1ull;
   const u64 call = (u64)call_kind << 32 | (s & 0xffffffffull);
   const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
   int ok = 1, bad, code;
-  if (both || b < nS) {
-    /* ---- send: the peers have read our previous slots first ---- */
+  /* 1. The peers have read our previous rows: we may overwrite the slots. */
+  if (threadIdx.x == 0)
+    ok = nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad,
+                     &code);
+  if (!nd_block_all(ok)) return;
+  /* 2. Count messages (self included), rows, metadata; flags by the last block. */
+  if (b == 0)
+    for (int i = threadIdx.x; i < W * ml; i += blockDim.x) {
+      const int d = i / ml, f = i % ml;
+      long long v;
+      if (status_in == 0)
+        v = pl.msg[i];
+      else
+        v = f == DISCO_MSG_CODE ? status_in : f < DISCO_MSG_TOKENS ? -1 : 0;
+      ((long long *)(nd.peer[d] + nd.off_cnt))[(long long)r * ml + f] = v;
+    }
+  if (rows_on && st == 0)
+    for (int P = nd_parts(nb, T, p.row_vecs), it = b; it < T * P; it += nb) {
+      int lo, hi;
+      nd_piece(p.row_vecs, P, it % P, &lo, &hi);
+      nd_send_token(p, nd, pl, x, w, it / P, rank_major, lo, hi, it % P == 0);
+    }
+  if (nd_last_block(&nd.done[0]))
+    for (int d = 0; d < W; d++)
+      if (d != r)
+        nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_DFLAG, r),
+                      s << 8 | (u64)(st & 255));
+  /* 3. Block 0: every source's data is here; counts -> receive plan. */
+  if (b == 0) {
     if (threadIdx.x == 0)
-      ok = nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad,
-                       &code);
+      ok = nd_wait_all(p, nd, DISCO_ND_DFLAG, s, DISCO_ND_PHASE_DFLAG, call, &bad, &code);
     if (!nd_block_all(ok)) return;
-    if (b == 0) {
-      for (int i = threadIdx.x; i < W * ml; i += blockDim.x) {
-        const int d = i / ml, f = i % ml;
-        long long v;
-        if (status_in == 0)
-          v = pl.msg[i];
-        else
-          v = f == DISCO_MSG_CODE ? status_in : f < DISCO_MSG_TOKENS ? -1 : 0;
-        ((long long *)(nd.peer[d] + nd.off_cnt))[(long long)r * ml + f] = v;
-      }
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        __threadfence_system();
-        for (int d = 0; d < W; d++)
-          nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_DCNT, r),
-                        s << 8 | (u64)(st & 255));
-      }
+    const int n = W * ml;
+    const long long *cnt = (const long long *)(nd.local + nd.off_cnt);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) pl.msg[n + i] = __ldcg(cnt + i);
+    __syncthreads();
+    disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap,
+                         (long long)call);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(nd.plan), "l"(s)
+                   : "memory");
     }
-    if (rows_on && st == 0) {
-      const int P = nd_parts(nS, T, nv), E = p.num_experts, C = 32 * p.layout_warps;
-      const long long n_items = (long long)T * P;
-      /* One system fence per ND_FENCE_EVERY items, not per item: a fence
-       * waits for the block's NVLink stores, which per item serialised them
-       * (4096 tokens K=8: 960 us vs 769 us with one fence per block). */
-      for (long long g0 = b; g0 < n_items; g0 += (long long)ND_FENCE_EVERY * nS) {
-        for (int u = 0; u < ND_FENCE_EVERY && g0 + (long long)u * nS < n_items; u++) {
-          const long long g = g0 + (long long)u * nS;
-          int lo, hi;
-          nd_piece(nv, P, (int)(g % P), &lo, &hi);
-          nd_send_token(p, nd, pl, x, w, (int)(g / P), rank_major, lo, hi, g % P == 0);
-        }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-          __threadfence_system();
-          for (int u = 0; u < ND_FENCE_EVERY && g0 + (long long)u * nS < n_items; u++) {
-            const int t = (int)((g0 + (long long)u * nS) / P);
-            const int *bb = pl.blk_base + (long long)(t / C) * p.num_cols;
-            for (int k = 0; k < p.kd; k++) {
-              const int d = pl.tok_dest[(long long)t * p.kd + k];
-              if (d < 0) break;
-              const long long row = bb[E + d] + pl.tok_dpos[(long long)t * p.kd + k];
-              const long long c = row / DISCO_ND_CHUNK;
-              const long long n = pl.msg[(long long)d * ml + DISCO_MSG_TOKENS];
-              nd_chunk_piece(nd.dcnt + (long long)d * nd.nchunks + c,
-                             nd_chunk_rows(n, c) * (unsigned)P,
-                             nd_chunk_flag(nd, nd.peer[d], nd.off_dchunk, r, c), s << 8);
-            }
+  } else {
+    if (threadIdx.x == 0) ok = nd_wait_block0(nd, nd.plan, s);
+    if (!nd_block_all(ok)) return;
+  }
+  /* 4. Expand (nothing reaches the caller unless every rank is fine and the
+   * rows fit), padding rows. */
+  if (rows_on && *(volatile int32_t *)pl.go) {
+    const long long R = pl.recv_off[W];
+    const int P = nd_parts(nb, R, p.row_vecs);
+    for (long long it = b; it < R * P; it += nb) {
+      const long long i = it / P;
+      int lo, hi;
+      nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
+      if (rank_major)
+        nd_expand_rank(p, nd, pl, i, recv_x, src_rank, src_token, expert, weight, lo, hi,
+                       it % P == 0);
+      else
+        nd_expand_expert(p, nd, pl, x, i, recv_x, src_rank, src_token, expert, weight, lo,
+                         hi, it % P == 0);
+    }
+    if (!rank_major && align > 1)
+      for (int l = b; l < p.num_local; l += nb) {
+        const long long first = pl.exp_off[l] + pl.exp_total[l], end = pl.exp_off[l + 1];
+        const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+        for (long long row = first; row < end; row++) {
+          for (int v = threadIdx.x; v < p.row_vecs; v += blockDim.x)
+            recv_x[row * p.row_vecs + v] = z;
+          if (threadIdx.x == 0) {
+            if (src_rank) src_rank[row] = -1;
+            if (src_token) src_token[row] = -1;
+            if (expert) expert[row] = -1;
+            if (weight) weight[row] = 0.0f;
           }
         }
       }
-    }
   }
-  if (both || b >= nS) {
-    /* ---- receive ---- */
-    const int rb = both ? b : b - nS, nr = nR;
-    if (rb == 0) {
-      if (threadIdx.x == 0)
-        ok = nd_wait_all(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad, &code,
-                         1);
-      if (!nd_block_all(ok)) return;
-      const int n = W * ml;
-      const long long *cnt = (const long long *)(nd.local + nd.off_cnt);
-      for (int i = threadIdx.x; i < n; i += blockDim.x) pl.msg[n + i] = __ldcg(cnt + i);
-      __syncthreads();
-      disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap,
-                           (long long)call);
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        __threadfence();
-        asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(nd.plan), "l"(s)
-                     : "memory");
-      }
-    } else {
-      if (threadIdx.x == 0) ok = nd_wait_block0(nd, nd.plan, s);
-      if (!nd_block_all(ok)) return;
-    }
-    if (rows_on && *(volatile int32_t *)pl.go) {
-      const long long R = pl.recv_off[W];
-      const int P = nd_parts(nr, R, nv);
-      const long long items = nd_items(pl, W, P);
-      for (long long g = rb; g < items; g += nr) {
-        int q, part;
-        long long j;
-        if (!nd_item(pl, W, g, P, &q, &j, &part)) continue;
-        if (threadIdx.x == 0) {
-          u64 v;
-          ok = nd_wait(p, nd,
-                       nd_chunk_flag(nd, nd.local, nd.off_dchunk, q, j / DISCO_ND_CHUNK),
-                       s, q, DISCO_ND_PHASE_DCHUNK, call, &v);
-        }
-        if (!nd_block_all(ok)) return;
-        int lo, hi;
-        nd_piece(nv, P, part, &lo, &hi);
-        const long long i = pl.recv_off[q] + j;
-        if (rank_major)
-          nd_expand_rank(p, nd, pl, i, recv_x, src_rank, src_token, expert, weight, lo,
-                         hi, part == 0);
-        else
-          nd_expand_expert(p, nd, pl, x, i, recv_x, src_rank, src_token, expert, weight,
-                           lo, hi, part == 0);
-      }
-      if (!rank_major && align > 1)
-        for (int l = rb; l < p.num_local; l += nr) {
-          const long long first = pl.exp_off[l] + pl.exp_total[l],
-                          end = pl.exp_off[l + 1];
-          const uint4 z = make_uint4(0u, 0u, 0u, 0u);
-          for (long long row = first; row < end; row++) {
-            for (int v = threadIdx.x; v < nv; v += blockDim.x) recv_x[row * nv + v] = z;
-            if (threadIdx.x == 0) {
-              if (src_rank) src_rank[row] = -1;
-              if (src_token) src_token[row] = -1;
-              if (expert) expert[row] = -1;
-              if (weight) weight[row] = 0.0f;
-            }
-          }
-        }
-    }
-  }
-  /* Done reading the slots: ack every source; next call's sequence. */
+  /* 5. Done reading the slots: ack every source; next call's sequence. */
   if (nd_last_block(&nd.done[2])) {
     for (int q = 0; q < W; q++)
       if (q != r) nd_st_release(nd_flag(nd, nd.peer[q], W, DISCO_ND_DACK, r), s << 8);
@@ -654,22 +546,16 @@ __device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_
   }
 }
 
-/* One launch per combine. Blocks [0, nE) are the expert side: they fold the
- * received tokens chunk-major and store each partial at its token owner,
- * chunk flags as chunks complete; blocks [nE, nb) are the token side: after
- * every expert rank's status (published first), they fold each token once
- * the chunks holding its partials are flagged. The last block acks. */
+/* One launch per combine: expert side -> flags -> every block waits for every
+ * expert rank's flag -> token side -> the last block acks. */
 __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_combine_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
                       const uint4 *y, long long y_rows, int weighted, int wire32,
                       int rank_major, int status_in, uint4 *out, int T) {
   if (nd_dead(nd)) return;
-  const int W = p.world, r = p.rank, nb = gridDim.x, b = blockIdx.x, nv = p.row_vecs;
-  const int nT = nb * nd.token_pct / 100 > 1 ? nb * nd.token_pct / 100 : 1;
-  const int nE = nb - nT > 0 ? nb - nT : 1;
+  const int W = p.world, r = p.rank, b = blockIdx.x, nb = gridDim.x;
   const u64 c = nd.seq[1] + 1ull;
   const u64 call = (u64)DISCO_CALL_COMBINE << 32 | (c & 0xffffffffull);
-  const int stat_kind = (c & 1ull) ? DISCO_ND_CSTAT1 : DISCO_ND_CSTAT0;
   int st = status_in;
   const long long rows = *pl.num_rows;
   if (st == 0)
@@ -678,80 +564,42 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
          : y_rows >= 0 && y_rows < rows ? (int)DISCO_ERR_CAPACITY
                                         : 0;
   int ok = 1, q = -1, code = 0;
-  if (b < nE || nb == 1) {
-    /* ---- expert side ---- */
-    if (threadIdx.x == 0) {
-      if (b == 0) { /* status first: token owners learn of a failure at once */
-        if (st != 0 && status_in == 0)
-          disco_latch(p.lerr, st, r, (long long)call, y_rows, rows, 0, 0);
-        for (int d = 0; d < W; d++)
-          if (d != r)
-            nd_st_release(nd_flag(nd, nd.peer[d], W, stat_kind, r),
-                          c << 8 | (u64)(st & 255));
-      }
-      /* the token owners have read our previous partials */
-      ok = nd_wait_all(p, nd, DISCO_ND_CACK, c - 1ull, DISCO_ND_PHASE_CACK, call, &q,
-                       &code);
-    }
-    if (!nd_block_all(ok)) return;
-    if (st == 0) {
-      const long long R = pl.recv_off[W];
-      const int P = nd_parts(nE, R, nv);
-      const long long items = nd_items(pl, W, P);
-      /* Per item here, not per ND_FENCE_EVERY items: the token side waits
-       * on these chunks, and batching delayed them (4x H200, 4096 tokens
-       * K=8 combine 1128 us batched vs 797 us per item). */
-      for (long long g = b; g < items; g += nE) {
-        int o, part, lo, hi;
-        long long j;
-        if (!nd_item(pl, W, g, P, &o, &j, &part)) continue;
-        nd_piece(nv, P, part, &lo, &hi);
-        nd_csend_token(p, nd, pl, y, pl.recv_off[o] + j, weighted, wire32, rank_major, lo,
-                       hi);
-        __syncthreads();
-        if (threadIdx.x == 0) {
-          __threadfence_system();
-          const long long ch = j / DISCO_ND_CHUNK;
-          nd_chunk_piece(
-              nd.ccnt + (long long)o * nd.nchunks + ch,
-              nd_chunk_rows(pl.recv_off[o + 1] - pl.recv_off[o], ch) * (unsigned)P,
-              nd_chunk_flag(nd, nd.peer[o], nd.off_cchunk, r, ch), c << 8);
-        }
-      }
+  if (threadIdx.x == 0) {
+    if (b == 0 && st != 0 && status_in == 0)
+      disco_latch(p.lerr, st, r, (long long)call, y_rows, rows, 0, 0);
+    /* the token owners have read our previous partials */
+    ok =
+        nd_wait_all(p, nd, DISCO_ND_CACK, c - 1ull, DISCO_ND_PHASE_CACK, call, &q, &code);
+  }
+  if (!nd_block_all(ok)) return;
+  if (st == 0) {
+    const long long R = pl.recv_off[W];
+    const int P = nd_parts(nb, R, p.row_vecs);
+    for (long long it = b; it < R * P; it += nb) {
+      int lo, hi;
+      nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
+      nd_csend_token(p, nd, pl, y, it / P, weighted, wire32, rank_major, lo, hi);
     }
   }
-  if (b >= nE || nb == 1) {
-    /* ---- token side ---- */
-    const int tb = nb == 1 ? 0 : b - nE, nt = nb == 1 ? 1 : nT;
-    if (threadIdx.x == 0) {
-      ok = nd_wait_all(p, nd, stat_kind, c, DISCO_ND_PHASE_CSTAT, call, &q, &code);
-      if (ok && st == 0 && q >= 0 && tb == 0)
-        disco_latch(p.lerr, DISCO_ERR_REMOTE, q, (long long)call, -1, -1, -1, code);
-      if (ok && (st != 0 || q >= 0)) ok = 2; /* someone failed: write nothing */
-    }
-    ok = nd_block_all(ok);
-    if (!ok) return;
-    if (ok == 1) {
-      const int P = nd_parts(nt, T, nv);
-      for (long long g = tb; g < (long long)T * P; g += nt) {
-        const int t = (int)(g / P);
-        if (threadIdx.x == 0) { /* the chunks holding this token's partials */
-          for (int k = 0; k < p.kd && ok; k++) {
-            const int d = pl.tok_dest[(long long)t * p.kd + k];
-            if (d < 0) break;
-            u64 v;
-            const long long ch = pl.tok_row[(long long)t * p.kd + k] / DISCO_ND_CHUNK;
-            ok = nd_wait(p, nd, nd_chunk_flag(nd, nd.local, nd.off_cchunk, d, ch), c, d,
-                         DISCO_ND_PHASE_CCHUNK, call, &v);
-          }
-        }
-        if (!nd_block_all(ok)) return;
-        int lo, hi;
-        nd_piece(nv, P, (int)(g % P), &lo, &hi);
-        nd_ctoken_token(p, nd, pl, out, wire32, t, lo, hi);
-      }
-    }
+  if (nd_last_block(&nd.done[1]))
+    for (int d = 0; d < W; d++)
+      if (d != r)
+        nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_CFLAG, r),
+                      c << 8 | (u64)(st & 255));
+  if (threadIdx.x == 0) {
+    ok = nd_wait_all(p, nd, DISCO_ND_CFLAG, c, DISCO_ND_PHASE_CFLAG, call, &q, &code);
+    if (ok && st == 0 && q >= 0 && b == 0)
+      disco_latch(p.lerr, DISCO_ERR_REMOTE, q, (long long)call, -1, -1, -1, code);
+    if (ok && (st != 0 || q >= 0)) ok = 2; /* someone failed: write nothing */
   }
+  ok = nd_block_all(ok);
+  if (!ok) return;
+  if (ok == 1)
+    for (int P = nd_parts(nb, T, p.row_vecs), it = b; it < T * P; it += nb) {
+      int lo, hi;
+      nd_piece(p.row_vecs, P, it % P, &lo, &hi);
+      nd_ctoken_token(p, nd, pl, out, wire32, it / P, lo, hi);
+    }
   if (nd_last_block(&nd.done[3])) {
     for (int d = 0; d < W; d++)
       if (d != r) nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_CACK, r), c << 8);

@@ -21,45 +21,33 @@
 extern "C" {
 #endif
 
-/* Flag kinds in a window's flag area, [kind][W] u64, entry q written by q:
- * seq << 8 | status (counts, statuses) or seq << 8 (acks). */
+/* Flag kinds in a window's flag area, [kind][W] u64, entry q written by q. */
 enum {
-  DISCO_ND_DCNT = 0,   /* q's count message for this dispatch is here */
-  DISCO_ND_DACK = 1,   /* q has read our dispatch slot of call seq */
-  DISCO_ND_CSTAT0 = 2, /* q's status in an even combine */
-  DISCO_ND_CSTAT1 = 3, /* ... odd (a peer may be one combine ahead) */
-  DISCO_ND_CACK = 4,   /* q has read our partials */
-  DISCO_ND_DEAD = 5,   /* q gave up (timed out): nobody waits for it any more */
-  DISCO_ND_KINDS = 6
+  DISCO_ND_DFLAG = 0, /* dispatch data from q is complete: seq << 8 | status */
+  DISCO_ND_DACK = 1,  /* q has read our dispatch data of call seq */
+  DISCO_ND_CFLAG = 2, /* combine partials from q are complete */
+  DISCO_ND_CACK = 3,  /* q has read our partials */
+  DISCO_ND_DEAD = 4,  /* q gave up (timed out): nobody waits for it any more */
+  DISCO_ND_KINDS = 5
 };
-/* Rows per chunk flag (DCHUNK / CCHUNK areas: [source W][nchunks] u64 = seq << 8). */
-#define DISCO_ND_CHUNK 64
 /* Phases named by a TIMEOUT record (DISCO_LATCH_A). */
 enum {
   DISCO_ND_PHASE_DACK = 1,
-  DISCO_ND_PHASE_DCNT = 2,
-  DISCO_ND_PHASE_DCHUNK = 3,
-  DISCO_ND_PHASE_CACK = 4,
-  DISCO_ND_PHASE_CSTAT = 5,
-  DISCO_ND_PHASE_CCHUNK = 6,
-  DISCO_ND_PHASE_DEAD = 7 /* the peer itself timed out earlier */
+  DISCO_ND_PHASE_DFLAG = 2,
+  DISCO_ND_PHASE_CACK = 3,
+  DISCO_ND_PHASE_CFLAG = 4,
+  DISCO_ND_PHASE_DEAD = 5 /* the peer itself timed out earlier */
 };
 
 typedef struct disco_nd_params {
   char *const *peer; /* device [W]: every rank's window base as mapped here */
   char *local;       /* this rank's window base */
-  unsigned long long off_flags, off_dchunk, off_cchunk, off_cnt, off_meta, off_rows,
-      off_part;
-  long long nchunks;       /* chunk flags per source: ceil(max_tokens / DISCO_ND_CHUNK) */
-  unsigned *dcnt;          /* device [W][nchunks]: pieces stored per dispatch chunk */
-  unsigned *ccnt;          /* device [W][nchunks]: the same for combine */
-  int part_vecs;           /* 16-byte vectors of one combine partial row */
-  unsigned long long *seq; /* device [2]: last finished dispatch, combine */
-  unsigned *done;          /* device [4]: blocks done per phase, 0 between calls */
+  unsigned long long off_flags, off_cnt, off_meta, off_rows, off_part;
+  int part_vecs;              /* 16-byte vectors of one combine partial row */
+  unsigned long long *seq;    /* device [2]: last finished dispatch, combine */
+  unsigned *done;             /* device [4]: blocks done per phase, 0 between calls */
   unsigned long long *plan;   /* device: dispatch seq whose receive plan is made */
   int max_grid;               /* co-resident blocks of one launch */
-  int recv_pct;               /* share of a dispatch's blocks that receive (%) */
-  int token_pct;              /* share of a combine's blocks on the token side (%) */
   unsigned long long *fatal;  /* device word, != 0 after a timeout: exit */
   unsigned long long *hfatal; /* mapped host record of the fatal error */
   unsigned long long timeout_ns;

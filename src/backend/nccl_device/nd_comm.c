@@ -25,15 +25,11 @@ static const char *nd_phase(long long phase) {
   switch (phase) {
     case DISCO_ND_PHASE_DACK:
       return "its ack of the previous dispatch";
-    case DISCO_ND_PHASE_DCNT:
-      return "its dispatch counts";
-    case DISCO_ND_PHASE_DCHUNK:
-      return "its dispatch rows";
+    case DISCO_ND_PHASE_DFLAG:
+      return "its dispatch data";
     case DISCO_ND_PHASE_CACK:
       return "its ack of the previous combine";
-    case DISCO_ND_PHASE_CSTAT:
-      return "its combine status";
-    case DISCO_ND_PHASE_CCHUNK:
+    case DISCO_ND_PHASE_CFLAG:
       return "its combine partials";
     default:
       return "its flag";
@@ -296,9 +292,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
     rc = disco_nccl_cuda(cudaMemset(p->err_key, 0xff, 8u), fn, "cudaMemset", r);
   if (rc != DISCO_SUCCESS) return rc;
   p->blk_done = (unsigned *)(p->err_key + 1);
-  /* ... then the chunk counters, [2][W][nchunks] u32 (0 between calls). */
-  const size_t cnt_off = ND_SMALL_PEER_OFF + (size_t)W * sizeof(char *);
-  const size_t small = cnt_off + 2u * (size_t)W * (size_t)st->nd.nchunks * 4u;
+  const size_t small = ND_SMALL_PEER_OFF + (size_t)W * sizeof(char *);
   rc = disco_nccl_cuda(cudaMalloc(&st->small, small), fn, "cudaMalloc", r);
   if (rc == DISCO_SUCCESS)
     rc = disco_nccl_cuda(cudaMemset(st->small, 0, small), fn, "cudaMemset", r);
@@ -324,15 +318,8 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.plan = (unsigned long long *)(sm + 24);
   st->nd.done = (unsigned *)(sm + 32);
   st->nd.peer = (char *const *)(sm + ND_SMALL_PEER_OFF);
-  st->nd.dcnt = (unsigned *)(sm + cnt_off);
-  st->nd.ccnt = st->nd.dcnt + (size_t)W * (size_t)st->nd.nchunks;
   st->nd.hfatal = st->drec + DISCO_LATCH_WORDS;
   st->nd.timeout_ns = (unsigned long long)comm->timeout_ms * 1000000ull;
-  /* Block roles (tuning knobs, percent, local to this rank). */
-  const char *e = getenv("DISCO_ND_DISPATCH_RECV_PCT");
-  st->nd.recv_pct = e != NULL && atoi(e) > 0 && atoi(e) < 100 ? atoi(e) : 0;
-  e = getenv("DISCO_ND_COMBINE_TOKEN_PCT");
-  st->nd.token_pct = e != NULL && atoi(e) > 0 && atoi(e) < 100 ? atoi(e) : 33;
   p->slotted = 1;
   p->lerr = st->drec;
   /* The symmetric window, zeroed before any peer can see it (flags start at 0). */
