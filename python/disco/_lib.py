@@ -165,10 +165,14 @@ _SIGNATURES = [
      [c_void_p, c_void_p, POINTER(DispatchArgs), POINTER(c_int64)]),
     ("disco_dispatch", c_enum, [c_void_p, c_void_p, POINTER(DispatchArgs)]),
     ("disco_combine", c_enum, [c_void_p, c_void_p, POINTER(CombineArgs)]),
+    ("disco_comm_caps", ctypes.c_uint32, [c_void_p]),
+    ("disco_comm_max_recv_rows", c_enum, [c_void_p, c_int, ctypes.c_int32, POINTER(c_int64)]),
+    ("disco_comm_check", c_enum, [c_void_p, ctypes.c_int32]),
 ]
 # Present only in builds with the backend (disco_nccl.h, disco_mpi.h).
 _OPTIONAL_SIGNATURES = [
     ("disco_comm_create_nccl", c_enum, [c_void_p, POINTER(Config), POINTER(c_void_p)]),
+    ("disco_comm_create_nccl_device", c_enum, [c_void_p, POINTER(Config), POINTER(c_void_p)]),
 ]
 
 

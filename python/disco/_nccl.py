@@ -82,18 +82,21 @@ def _nccl_check(lib: ctypes.CDLL, rc: int, what: str) -> None:
         raise DiscoError(15, "DISCO_ERR_BACKEND", f"{what} failed: NCCL error {rc} ({msg})", what)
 
 
-def create_from_torch(group: Any, cfg: _lib.Config,
-                      device: Any) -> Tuple[int, str, Callable[[bool], None]]:
+def create_from_torch(group: Any, cfg: _lib.Config, device: Any,
+                      backend: str = "nccl") -> Tuple[int, str, Callable[[bool], None]]:
     """Collective over `group`. Returns (disco comm pointer, device string,
-    finaliser for the owned ncclComm_t)."""
+    finaliser for the owned ncclComm_t). backend: "nccl" or "nccl_device"."""
     import torch
     import torch.distributed as dist
 
-    if not _lib.has_symbol("disco_comm_create_nccl"):
+    if backend not in ("nccl", "nccl_device"):
+        raise ValueError(f"disco: backend must be 'nccl' or 'nccl_device', got {backend!r}")
+    create = "disco_comm_create_" + backend
+    if not _lib.has_symbol(create):
         raise DiscoError(17, "DISCO_ERR_NOT_SUPPORTED",
                          f"{_lib.lib_path()} was built without the NCCL backend "
                          "(configure with CUDA and NCCL, DISCO_WITH_NCCL=ON)",
-                         "disco_comm_create_nccl")
+                         create)
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("disco: Comm.from_torch needs torch.distributed initialised "
                            "(torch.distributed.init_process_group)")
@@ -121,10 +124,10 @@ def create_from_torch(group: Any, cfg: _lib.Config,
     ncomm = c_void_p()
     _nccl_check(nccl, nccl.ncclCommInitRank(byref(ncomm), world, uid, rank), "ncclCommInitRank")
     out = c_void_p()
-    rc = _lib.lib().disco_comm_create_nccl(ncomm, byref(cfg), byref(out))
+    rc = getattr(_lib.lib(), create)(ncomm, byref(cfg), byref(out))
     if rc != 0:
         try:
-            check(rc, "disco_comm_create_nccl")
+            check(rc, create)
         finally:
             nccl.ncclCommDestroy(ncomm)
 

@@ -213,22 +213,45 @@ class Comm:
     def from_torch(cls, group: Any = None, *, num_experts: int, top_k: int, hidden: int,
                    max_tokens: int, dtype: Any = "bfloat16", timeout_ms: int = 0,
                    combine_wire: str = "fp32", max_sms: int = 0,
-                   device: Any = None) -> "Comm":
+                   device: Any = None, backend: str = "nccl") -> "Comm":
         """NCCL-backed comm over a torch.distributed group (collective).
 
         Makes a fresh ncclComm_t for the group's ranks on the current CUDA
         device (unique id from rank 0 via broadcast_object_list), which this
         Comm owns and destroys at close. Tensors must be CUDA tensors on that
         device; work is enqueued on torch.cuda.current_stream().
+        backend="nccl_device": device-initiated transfers (one NVLink domain);
+        errors found on the device are raised by check(), not by the call.
         """
         from . import _nccl
 
         cfg = cls.make_config(num_experts, top_k, hidden, max_tokens, dtype, timeout_ms,
                               combine_wire, max_sms)
-        ptr, device_str, on_destroy = _nccl.create_from_torch(group, cfg, device)
+        ptr, device_str, on_destroy = _nccl.create_from_torch(group, cfg, device, backend)
         comm = cls(ptr, _device=device_str)
         comm._state.on_destroy = on_destroy
         return comm
+
+    # ---- device-side state ------------------------------------------------
+    @property
+    def caps(self) -> int:
+        """DISCO_CAP_* bits: 1 = no host sync in dispatch/combine, 2 = CUDA-graph capturable."""
+        return int(_lib.lib().disco_comm_caps(self._ptr()))
+
+    def max_recv_rows(self, layout: Union[str, int] = "expert_major",
+                      expert_alignment: int = 1) -> int:
+        """Rows one dispatch can produce at most on this comm (a capacity that never overflows)."""
+        rows = c_int64(-1)
+        check(_lib.lib().disco_comm_max_recv_rows(self._ptr(), _LAYOUTS[_parse_layout(layout)],
+                                                  int(expert_alignment), byref(rows)),
+              "disco_comm_max_recv_rows")
+        return rows.value
+
+    def check(self, wait: bool = True) -> None:
+        """Raise the first error the device found since the last check (backends
+        without host sync: bad ids, capacity, a failed peer, timeout); wait=True
+        first waits, bounded, for this comm's last enqueued call."""
+        self._call("disco_comm_check", self._ptr(), 1 if wait else 0)
 
     # ---- lifetime ---------------------------------------------------------
     @property

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 import disco
 
@@ -83,3 +84,22 @@ def test_context_manager():
     with disco.local_group(1, num_experts=2, top_k=1, hidden=4, max_tokens=2)[0] as c:
         assert not c.closed
     assert c.closed
+
+
+def test_caps_bounds_and_check_on_a_host_backend():
+    comms = disco.local_group(2, num_experts=8, top_k=3, hidden=4, max_tokens=5)
+    try:
+        c = comms[0]
+        assert c.caps == 0  # host backends wait for everything
+        c.check()
+        c.check(wait=False)
+        # W * M * min(K, E_loc) (+ E_loc * (alignment - 1)); W * M rank-major
+        assert c.max_recv_rows() == 2 * 5 * 3
+        assert c.max_recv_rows("expert_major", 4) == 2 * 5 * 3 + 4 * 3
+        assert c.max_recv_rows("rank_major") == 2 * 5
+        with pytest.raises(disco.DiscoError) as e:
+            c.max_recv_rows("expert_major", -1)
+        assert e.value.name == "DISCO_ERR_INVALID_ARGUMENT"
+    finally:
+        for c in comms:
+            c.close()
