@@ -116,6 +116,13 @@ if [ "$STAGE" = all ] || [ "$STAGE" = python ]; then
     > "$OUT/python.log" 2>&1; rc=$?
   note "python binding W=2 (torchrun): rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/python.log")"
   [ $rc -ne 0 ] && fails=$((fails + 1)) && tail -30 "$OUT/python.log"
+  t0=$SECONDS
+  echo "# --- nccl_device" >> "$OUT/python.log"
+  DISCO_TEST_BACKEND=nccl_device DISCO_LIBRARY="$BUILD/libdisco.so" PYTHONPATH="$ROOT/python" \
+    PYTHONUNBUFFERED=1 timeout 150 torchrun --nproc_per_node 2 \
+    "$ROOT/tests/gpu/test_python_gpu.py" >> "$OUT/python.log" 2>&1; rc=$?
+  note "python binding nccl_device W=2 (torchrun): rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/python.log")"
+  [ $rc -ne 0 ] && fails=$((fails + 1)) && tail -30 "$OUT/python.log"
 fi
 
 if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then

@@ -167,14 +167,17 @@ def main() -> int:
     W = dist.get_world_size()
     failed = 0
     for dtype in ("float32", "bfloat16"):
+        backend = os.environ.get("DISCO_TEST_BACKEND", "nccl")
         comm = disco.Comm.from_torch(num_experts=E_PER_RANK * W, top_k=K, hidden=H,
-                                     max_tokens=T, dtype=dtype, timeout_ms=20000)
-        assert comm.backend == "nccl" and comm.uses_device_memory
+                                     max_tokens=T, dtype=dtype, timeout_ms=20000,
+                                     backend=backend)
+        assert comm.backend == backend and comm.uses_device_memory
         for t in TESTS:
             if (dtype == "bfloat16") != (t is test_reference_bf16):
                 continue
             try:
                 t(comm)
+                comm.check()  # errors found on the device (nccl_device)
                 status = "ok"
             except Exception:  # report and go on: the other ranks are in step
                 failed += 1
