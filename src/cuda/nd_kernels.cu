@@ -155,8 +155,9 @@ extern "C" unsigned long long disco_nd_window_layout(const disco_kparams_t *p,
   return (off + gran - 1) / gran * gran;
 }
 
-/* Waits (one thread) for a device-local word written by block 0 of the same
- * grid to reach want; 0 if the comm died meanwhile (block 0 timed out). */
+/* Waits (one thread) for a device-local word written by another block of the
+ * same (co-resident) grid to reach want; 0 if the comm died meanwhile (that
+ * block timed out). */
 __device__ int nd_wait_block0(const disco_nd_params_t &nd, const u64 *word, u64 want) {
   for (unsigned it = 0;; it++) {
     u64 v;
@@ -200,6 +201,11 @@ __device__ __forceinline__ void nd_copy(uint4 *const *dst, int nd, const uint4 *
         for (int k = 0; k < nd; k++) dst[k][v] = a[u];
     }
   }
+}
+
+/* Device-scope release store of a word that blocks of this grid wait on. */
+__device__ __forceinline__ void nd_st_release_gpu(u64 *p, u64 v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
 /* Every block: sync, then thread 0's result in all threads. */
@@ -382,15 +388,20 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
       nd_piece(p.row_vecs, P, it % P, &lo, &hi);
       nd_send_token(p, nd, pl, x, w, it / P, rank_major, lo, hi, it % P == 0);
     }
-  if (nd_last_block(&nd.done[0]))
+  if (nd_last_block(&nd.done[0])) {
     for (int d = 0; d < W; d++)
       if (d != r)
         nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_DFLAG, r),
                       s << 8 | (u64)(st & 255));
-  /* 3. Block 0: every source's data is here; counts -> receive plan. */
+    nd_st_release_gpu(&nd.sent[0], s); /* our own slot's rows and metadata too */
+  }
+  /* 3. Block 0: every source's data is here, this rank's own slot included
+   * (written by other blocks of this grid); counts -> receive plan. */
   if (b == 0) {
     if (threadIdx.x == 0)
-      ok = nd_wait_all(p, nd, DISCO_ND_DFLAG, s, DISCO_ND_PHASE_DFLAG, call, &bad, &code);
+      ok = nd_wait_all(p, nd, DISCO_ND_DFLAG, s, DISCO_ND_PHASE_DFLAG, call, &bad,
+                       &code) &&
+           nd_wait_block0(nd, &nd.sent[0], s);
     if (!nd_block_all(ok)) return;
     const int n = W * ml;
     const long long *cnt = (const long long *)(nd.local + nd.off_cnt);
@@ -581,13 +592,17 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
       nd_csend_token(p, nd, pl, y, it / P, weighted, wire32, rank_major, lo, hi);
     }
   }
-  if (nd_last_block(&nd.done[1]))
+  if (nd_last_block(&nd.done[1])) {
     for (int d = 0; d < W; d++)
       if (d != r)
         nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_CFLAG, r),
                       c << 8 | (u64)(st & 255));
+    nd_st_release_gpu(&nd.sent[1], c); /* our own partials too */
+  }
   if (threadIdx.x == 0) {
-    ok = nd_wait_all(p, nd, DISCO_ND_CFLAG, c, DISCO_ND_PHASE_CFLAG, call, &q, &code);
+    /* Every expert rank's partials, ours (other blocks of this grid) included. */
+    ok = nd_wait_all(p, nd, DISCO_ND_CFLAG, c, DISCO_ND_PHASE_CFLAG, call, &q, &code) &&
+         nd_wait_block0(nd, &nd.sent[1], c);
     if (ok && st == 0 && q >= 0 && b == 0)
       disco_latch(p.lerr, DISCO_ERR_REMOTE, q, (long long)call, -1, -1, -1, code);
     if (ok && (st != 0 || q >= 0)) ok = 2; /* someone failed: write nothing */

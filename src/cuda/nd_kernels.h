@@ -47,6 +47,8 @@ typedef struct disco_nd_params {
   unsigned long long *seq;    /* device [2]: last finished dispatch, combine */
   unsigned *done;             /* device [4]: blocks done per phase, 0 between calls */
   unsigned long long *plan;   /* device: dispatch seq whose receive plan is made */
+  unsigned long long *sent;   /* device [2]: last dispatch / combine whose local
+                                 stores (all blocks) are done */
   int max_grid;               /* co-resident blocks of one launch */
   unsigned long long *fatal;  /* device word, != 0 after a timeout: exit */
   unsigned long long *hfatal; /* mapped host record of the fatal error */

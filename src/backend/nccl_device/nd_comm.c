@@ -317,6 +317,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.fatal = (unsigned long long *)(sm + 16);
   st->nd.plan = (unsigned long long *)(sm + 24);
   st->nd.done = (unsigned *)(sm + 32);
+  st->nd.sent = (unsigned long long *)(sm + 48);
   st->nd.peer = (char *const *)(sm + ND_SMALL_PEER_OFF);
   st->nd.hfatal = st->drec + DISCO_LATCH_WORDS;
   st->nd.timeout_ns = (unsigned long long)comm->timeout_ms * 1000000ull;
