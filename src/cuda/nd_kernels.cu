@@ -218,10 +218,21 @@ __device__ __forceinline__ int nd_block_all(int v) {
 }
 
 /* ---- dispatch ------------------------------------------------------------------ */
+/* Test hook (sel != 0): 1 = only the peers' share, 2 = only this rank's own. */
+__device__ __forceinline__ int nd_skip(int sel, int self) {
+  return (sel == 1 && self) || (sel == 2 && !self);
+}
+
+/* All threads of the block idle for ns nanoseconds (test hook). */
+__device__ void nd_sleep(u64 ns) {
+  const u64 t0 = nd_now();
+  while (nd_now() - t0 < ns) __nanosleep(1000);
+}
+
 /* Rows and metadata of token t to every destination's slot (block-wide). */
 __device__ void nd_send_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
                               const disco_dev_plan_t &pl, const uint4 *x, const float *w,
-                              int t, int rank_major, int lo, int hi, int first) {
+                              int t, int rank_major, int lo, int hi, int first, int sel) {
   const int r = p.rank, K = p.top_k, L = p.num_local, E = p.num_experts;
   const int nc = p.num_cols, C = 32 * p.layout_warps, nv = p.row_vecs, mi = p.meta_ints;
   const int lane = threadIdx.x & 31;
@@ -235,6 +246,7 @@ __device__ void nd_send_token(const disco_kparams_t &p, const disco_nd_params_t 
     for (int k = 0; k < p.kd; k++) {
       const int d = dest[k];
       if (d < 0) break;
+      if (nd_skip(sel, d == r)) continue;
       const int row = bb[E + d] + dpos[k];
       int *meta = (int *)(nd.peer[d] + nd.off_meta) + ((long long)r * M + row) * mi;
       int n = 0;
@@ -265,7 +277,7 @@ __device__ void nd_send_token(const disco_kparams_t &p, const disco_nd_params_t 
     for (int k = k0; k < p.kd && k < k0 + 8; k++) {
       const int d = dest[k];
       if (d < 0) break;
-      if (d == r && !rank_major) continue; /* expand reads x */
+      if ((d == r && !rank_major) || nd_skip(sel, d == r)) continue; /* expand reads x */
       dst[n++] = (uint4 *)(nd.peer[d] + nd.off_rows) +
                  ((long long)r * M + bb[E + d] + dpos[k]) * nv;
     }
@@ -382,12 +394,18 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
         v = f == DISCO_MSG_CODE ? status_in : f < DISCO_MSG_TOKENS ? -1 : 0;
       ((long long *)(nd.peer[d] + nd.off_cnt))[(long long)r * ml + f] = v;
     }
-  if (rows_on && st == 0)
+  /* Test hook: rank 0 stores what it sends to itself late, after its peers'
+   * share (a regression test for reading our own slot too early). */
+  const int late = nd.test_self_delay_ns != 0ull && r == 0;
+  for (int pass = 0; rows_on && st == 0 && pass <= late; pass++) {
+    if (pass == 1) nd_sleep(nd.test_self_delay_ns);
     for (int P = nd_parts(nb, T, p.row_vecs), it = b; it < T * P; it += nb) {
       int lo, hi;
       nd_piece(p.row_vecs, P, it % P, &lo, &hi);
-      nd_send_token(p, nd, pl, x, w, it / P, rank_major, lo, hi, it % P == 0);
+      nd_send_token(p, nd, pl, x, w, it / P, rank_major, lo, hi, it % P == 0,
+                    late ? pass + 1 : 0);
     }
+  }
   if (nd_last_block(&nd.done[0])) {
     for (int d = 0; d < W; d++)
       if (d != r)
@@ -464,10 +482,12 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
  * row (RANK_MAJOR), store at the token owner's slot (block-wide). */
 __device__ void nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                const disco_dev_plan_t &pl, const uint4 *y, long long i,
-                               int weighted, int wire32, int rank_major, int lo, int hi) {
+                               int weighted, int wire32, int rank_major, int lo, int hi,
+                               int sel) {
   const int W = p.world, K = p.top_k, nv = p.row_vecs;
   const int nq = p.dtype == DISCO_DTYPE_FP32 ? 1 : 2;
   const int q = nd_source(pl, W, i);
+  if (nd_skip(sel, q == p.rank)) return;
   uint4 *dst = (uint4 *)(nd.peer[q] + nd.off_part) +
                ((long long)p.rank * p.max_tokens + (i - pl.recv_off[q])) * nd.part_vecs;
   if (rank_major) { /* the caller reduced: the row goes back as it is */
@@ -583,13 +603,17 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
         nd_wait_all(p, nd, DISCO_ND_CACK, c - 1ull, DISCO_ND_PHASE_CACK, call, &q, &code);
   }
   if (!nd_block_all(ok)) return;
-  if (st == 0) {
+  /* Test hook: rank 0 stores its own partials late (see dispatch). */
+  const int late = nd.test_self_delay_ns != 0ull && r == 0;
+  for (int pass = 0; st == 0 && pass <= late; pass++) {
+    if (pass == 1) nd_sleep(nd.test_self_delay_ns);
     const long long R = pl.recv_off[W];
     const int P = nd_parts(nb, R, p.row_vecs);
     for (long long it = b; it < R * P; it += nb) {
       int lo, hi;
       nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
-      nd_csend_token(p, nd, pl, y, it / P, weighted, wire32, rank_major, lo, hi);
+      nd_csend_token(p, nd, pl, y, it / P, weighted, wire32, rank_major, lo, hi,
+                     late ? pass + 1 : 0);
     }
   }
   if (nd_last_block(&nd.done[1])) {

@@ -43,13 +43,15 @@ typedef struct disco_nd_params {
   char *const *peer; /* device [W]: every rank's window base as mapped here */
   char *local;       /* this rank's window base */
   unsigned long long off_flags, off_cnt, off_meta, off_rows, off_part;
-  int part_vecs;              /* 16-byte vectors of one combine partial row */
-  unsigned long long *seq;    /* device [2]: last finished dispatch, combine */
-  unsigned *done;             /* device [4]: blocks done per phase, 0 between calls */
-  unsigned long long *plan;   /* device: dispatch seq whose receive plan is made */
-  unsigned long long *sent;   /* device [2]: last dispatch / combine whose local
-                                 stores (all blocks) are done */
-  int max_grid;               /* co-resident blocks of one launch */
+  int part_vecs;            /* 16-byte vectors of one combine partial row */
+  unsigned long long *seq;  /* device [2]: last finished dispatch, combine */
+  unsigned *done;           /* device [4]: blocks done per phase, 0 between calls */
+  unsigned long long *plan; /* device: dispatch seq whose receive plan is made */
+  unsigned long long *sent; /* device [2]: last dispatch / combine whose local
+                               stores (all blocks) are done */
+  int max_grid;             /* co-resident blocks of one launch */
+  unsigned long long
+      test_self_delay_ns;     /* test hook, 0: off (DISCO_ND_TEST_SELF_DELAY_US) */
   unsigned long long *fatal;  /* device word, != 0 after a timeout: exit */
   unsigned long long *hfatal; /* mapped host record of the fatal error */
   unsigned long long timeout_ns;

@@ -100,6 +100,11 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
     step "nccl_device test W=$NGPU" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device \
       "$T" --world "$NGPU"
   fi
+  # Rank 0 stores what it sends to itself 3 ms late: outputs must still be
+  # exact (regression test of the own-slot ordering fix; before it, rank 0
+  # expanded its own tokens as soon as its peers' flags had arrived).
+  step "nccl_device own-slot late W=$NGPU" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device \
+    DISCO_ND_TEST_SELF_DELAY_US=3000 "$T" --world "$NGPU" --filter basic
   step "nccl_device memcheck W=2 --small" "$OUT/memcheck.log" 150 env DISCO_TEST_BACKEND=nccl_device \
     compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small
   step "nccl_device racecheck W=2 --small basic" "$OUT/memcheck.log" 200 env DISCO_TEST_BACKEND=nccl_device \

@@ -321,6 +321,11 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.peer = (char *const *)(sm + ND_SMALL_PEER_OFF);
   st->nd.hfatal = st->drec + DISCO_LATCH_WORDS;
   st->nd.timeout_ns = (unsigned long long)comm->timeout_ms * 1000000ull;
+  /* Test hook: rank 0's kernels store what they send to themselves this many
+   * microseconds late (tests/gpu/run.sh: ordering of a rank's own slot). */
+  const char *delay = getenv("DISCO_ND_TEST_SELF_DELAY_US");
+  if (delay != NULL && atoll(delay) > 0)
+    st->nd.test_self_delay_ns = (unsigned long long)atoll(delay) * 1000ull;
   p->slotted = 1;
   p->lerr = st->drec;
   /* The symmetric window, zeroed before any peer can see it (flags start at 0). */
