@@ -1,0 +1,206 @@
+/* Internal: helpers of the nccl_device kernels (nd_kernels.cu): flags and
+ * bounded waits across GPUs, grid-internal completion, work pieces and the
+ * batched 16-byte copy. Memory-order rules: docs/design-nccl-device.md §5. */
+#ifndef DISCO_CUDA_ND_SYNC_CUH_
+#define DISCO_CUDA_ND_SYNC_CUH_
+
+#include "cuda/latch.cuh"
+#include "cuda/nd_kernels.h"
+
+typedef unsigned long long u64;
+
+#define DISCO_ND_THREADS 256 /* threads of every nccl_device kernel */
+#define DISCO_BATCH 4
+
+__device__ __forceinline__ u64 nd_now(void) {
+  u64 t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ __forceinline__ u64 nd_ld_acquire(const u64 *p) {
+  u64 v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void nd_st_release(u64 *p, u64 v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ int nd_dead(const disco_nd_params_t &nd) {
+  return *(volatile u64 *)nd.fatal != 0ull;
+}
+
+/* Flag `kind` of rank q in window `base`. */
+__device__ __forceinline__ u64 *nd_flag(const disco_nd_params_t &nd, char *base, int W,
+                                        int kind, int q) {
+  return (u64 *)(base + nd.off_flags) + (long long)kind * W + q;
+}
+
+/* Latches the fatal TIMEOUT (first one wins) and tells every peer that this
+ * rank gave up, so that a peer arriving late fails fast instead of waiting
+ * for flags that will never come. */
+__device__ void nd_give_up(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                           int peer, int phase, u64 call, u64 want) {
+  if (atomicCAS(nd.fatal, 0ull, 1ull) != 0ull) return;
+  disco_latch(nd.hfatal, DISCO_ERR_TIMEOUT, peer, (long long)call, phase,
+              (long long)(nd.timeout_ns / 1000000ull), (long long)want, p.rank);
+  for (int q = 0; q < p.world; q++)
+    if (q != p.rank)
+      nd_st_release(nd_flag(nd, nd.peer[q], p.world, DISCO_ND_DEAD, p.rank), 1ull);
+}
+
+/* A peer that gave up: latch it (as this rank's fatal error) and return 1. */
+__device__ int nd_peer_dead(const disco_kparams_t &p, const disco_nd_params_t &nd, int q,
+                            u64 call) {
+  if (nd_ld_acquire(nd_flag(nd, nd.local, p.world, DISCO_ND_DEAD, q)) == 0ull) return 0;
+  nd_give_up(p, nd, q, DISCO_ND_PHASE_DEAD, call, 0);
+  return 1;
+}
+
+/* Waits until flag's sequence (bits 8..) reaches want. Returns 1 with the
+ * flag's value in *val, or 0 after latching TIMEOUT (or seeing the comm
+ * dead). One thread. */
+__device__ int nd_wait(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                       const u64 *flag, u64 want, int peer, int phase, u64 call,
+                       u64 *val) {
+  const u64 deadline = nd_now() + nd.timeout_ns;
+  for (unsigned it = 0;; it++) {
+    const u64 v = nd_ld_acquire(flag);
+    if ((long long)((v >> 8) - want) >= 0) {
+      *val = v;
+      return 1;
+    }
+    if ((it & 255u) == 255u) {
+      if (nd_dead(nd) || nd_peer_dead(p, nd, peer, call)) return 0;
+      if (nd_now() > deadline) {
+        nd_give_up(p, nd, peer, phase, call, want);
+        return 0;
+      }
+    }
+  }
+}
+
+/* Thread 0 waits for `kind` flags of every peer; 1 when all arrived. *bad:
+ * lowest peer whose flag carries a failure status (-1 none), its code. */
+__device__ int nd_wait_all(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                           int kind, u64 want, int phase, u64 call, int *bad, int *code) {
+  *bad = -1;
+  *code = 0;
+  for (int q = 0; q < p.world; q++) /* fail fast if a peer already gave up */
+    if (q != p.rank && nd_peer_dead(p, nd, q, call)) return 0;
+  for (int q = 0; q < p.world; q++) {
+    u64 v = 0;
+    if (q == p.rank) continue;
+    if (!nd_wait(p, nd, nd_flag(nd, nd.local, p.world, kind, q), want, q, phase, call,
+                 &v))
+      return 0;
+    if ((v & 255ull) != 0ull && *bad < 0) {
+      *bad = q;
+      *code = (int)(v & 255ull);
+    }
+  }
+  return 1;
+}
+
+/* Last block of the grid to get here (after its stores): returns 1 in
+ * thread 0 of that block, which may then publish. Resets the counter. */
+__device__ __forceinline__ int nd_last_block(unsigned *done) {
+  __syncthreads();
+  if (threadIdx.x != 0) return 0;
+  __threadfence_system();
+  const unsigned nb = gridDim.x * gridDim.y;
+  if (atomicAdd(done, 1u) != nb - 1u) return 0;
+  __threadfence_system();
+  *done = 0u;
+  return 1;
+}
+
+/* Source rank of received token i (recv_off ascending). */
+__device__ __forceinline__ int nd_source(const disco_dev_plan_t &pl, int W, long long i) {
+  int lo = 0, hi = W - 1;
+  while (lo < hi) {
+    int mid = (lo + hi + 1) >> 1;
+    if (pl.recv_off[mid] <= i)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  return lo;
+}
+
+/* Waits (one thread) for a device-local word written by another block of the
+ * same (co-resident) grid to reach want; 0 if the comm died meanwhile (that
+ * block timed out). */
+__device__ int nd_wait_block0(const disco_nd_params_t &nd, const u64 *word, u64 want) {
+  for (unsigned it = 0;; it++) {
+    u64 v;
+    asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(word) : "memory");
+    if ((long long)(v - want) >= 0) return 1;
+    if ((it & 255u) == 255u && nd_dead(nd)) return 0;
+  }
+}
+
+/* Pieces each row is cut into so that n rows keep nb blocks busy (small
+ * batches: several blocks per row; large ones: a block per row). */
+__device__ __forceinline__ int nd_parts(int nb, long long n, int nv) {
+  const long long pmax = (nv + DISCO_ND_THREADS - 1) / DISCO_ND_THREADS;
+  const long long pp = n > 0 ? nb / n : 1;
+  return (int)(pp < 1 ? 1 : pp > pmax ? pmax : pp);
+}
+
+/* Vectors [lo, hi) of piece `part` of P of an nv-vector row. */
+__device__ __forceinline__ void nd_piece(int nv, int P, int part, int *lo, int *hi) {
+  *lo = (int)((long long)nv * part / P);
+  *hi = (int)((long long)nv * (part + 1) / P);
+}
+
+/* Batched 16-byte copy of vectors [lo, hi): ND_UNROLL loads in flight per
+ * thread before their stores, to up to nd destinations. */
+#define ND_UNROLL 4
+template <bool CG>
+__device__ __forceinline__ void nd_copy(uint4 *const *dst, int nd, const uint4 *src,
+                                        int lo, int hi) {
+  for (int v0 = lo + threadIdx.x; v0 < hi; v0 += ND_UNROLL * DISCO_ND_THREADS) {
+    uint4 a[ND_UNROLL];
+#pragma unroll
+    for (int u = 0; u < ND_UNROLL; u++) {
+      const int v = v0 + u * DISCO_ND_THREADS;
+      if (v < hi) a[u] = CG ? __ldcg(src + v) : __ldg(src + v);
+    }
+#pragma unroll
+    for (int u = 0; u < ND_UNROLL; u++) {
+      const int v = v0 + u * DISCO_ND_THREADS;
+      if (v < hi)
+        for (int k = 0; k < nd; k++) dst[k][v] = a[u];
+    }
+  }
+}
+
+/* Device-scope release store of a word that blocks of this grid wait on. */
+__device__ __forceinline__ void nd_st_release_gpu(u64 *p, u64 v) {
+  asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+/* Every block: sync, then thread 0's result in all threads. */
+__device__ __forceinline__ int nd_block_all(int v) {
+  __shared__ int flag;
+  __syncthreads();
+  if (threadIdx.x == 0) flag = v;
+  __syncthreads();
+  return flag;
+}
+
+/* Test hook (sel != 0): 1 = only the peers' share, 2 = only this rank's own. */
+__device__ __forceinline__ int nd_skip(int sel, int self) {
+  return (sel == 1 && self) || (sel == 2 && !self);
+}
+
+/* All threads of the block idle for ns nanoseconds (test hook). */
+__device__ void nd_sleep(u64 ns) {
+  const u64 t0 = nd_now();
+  while (nd_now() - t0 < ns) __nanosleep(1000);
+}
+
+#endif /* DISCO_CUDA_ND_SYNC_CUH_ */
