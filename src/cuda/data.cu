@@ -113,34 +113,10 @@ __device__ __forceinline__ int disco_source(const disco_dev_plan_t *pl, int W,
   return lo;
 }
 
-/* Index of received token i (from source s) in the per-source slots. */
-__device__ __forceinline__ long long disco_slot(const disco_kparams_t *p,
-                                                const disco_dev_plan_t *pl, int s,
-                                                long long i) {
-  return (long long)s * p->max_tokens + (i - pl->recv_off[s]);
-}
-
-/* Rows the launch covers: sel.n, or (n < 0) every received token, a count
- * only the device knows (nccl_device). */
-__device__ __forceinline__ long long disco_sel_n(const disco_kparams_t *p,
-                                                 const disco_dev_plan_t *pl,
-                                                 long long n) {
-  return n >= 0 ? n : pl->recv_off[p->world];
-}
-
-/* Grid rows of a launch over n rows, n < 0: up to every possible received
- * token, grid-strided (the count is on the device). */
-static long long disco_launch_rows(const disco_kparams_t *p, long long n) {
-  if (n >= 0) return n;
-  long long worst = (long long)p->world * p->max_tokens, cap = p->max_blocks;
-  return worst < cap ? worst : cap;
-}
-
 /* Metadata row of received token i; self rows are read where pack wrote them. */
 __device__ __forceinline__ const int *disco_meta(const disco_kparams_t *p,
                                                  const disco_dev_plan_t *pl, int s,
                                                  long long i) {
-  if (p->slotted) return p->recv_meta + disco_slot(p, pl, s, i) * p->meta_ints;
   if (s == p->rank)
     return p->send_meta +
            ((long long)s * p->max_tokens + (i - pl->recv_off[s])) * p->meta_ints;
@@ -154,9 +130,7 @@ __global__ void __launch_bounds__(128)
                                int *src_token, int *expert, float *weight) {
   const int lane = threadIdx.x & 31, K = p.top_k, L = p.num_local, nv = p.row_vecs;
   const int v = blockIdx.x * blockDim.x + threadIdx.x;
-  if (p.slotted && *pl.go == 0) return; /* failed dispatch: write nothing */
-  const long long nsel = disco_sel_n(&p, &pl, sel.n);
-  for (long long j = blockIdx.y; j < nsel; j += gridDim.y) {
+  for (long long j = blockIdx.y; j < sel.n; j += gridDim.y) {
     const long long i = disco_sel(sel, pl.recv_off, p.world, p.rank, j);
     const int s = disco_source(&pl, p.world, i);
     const int *meta = disco_meta(&p, &pl, s, i);
@@ -179,9 +153,8 @@ __global__ void __launch_bounds__(128)
       if (lane == 0 && n < K) pl.comb_rows[i * K + n] = -1;
     }
     if (v < nv) {
-      const long long at = p.slotted ? disco_slot(&p, &pl, s, i) : i;
       const uint4 val = disco_ldg(s == p.rank ? x + (long long)t * nv + v
-                                              : (const uint4 *)p.ws_recv + at * nv + v);
+                                              : (const uint4 *)p.ws_recv + i * nv + v);
       for (int q = 0; q < n; q++)
         recv_x[(sb[meta[2 + 3 * q] >> 8] + meta[3 + 3 * q]) * nv + v] = val;
     }
@@ -194,9 +167,9 @@ extern "C" cudaError_t disco_k_expand_expert(const disco_kparams_t *p,
                                              int32_t *src_rank, int32_t *src_token,
                                              int32_t *expert, float *weight,
                                              cudaStream_t stream) {
-  if (sel.n == 0) return cudaSuccess;
+  if (sel.n <= 0) return cudaSuccess;
   dim3 grid, block;
-  disco_shape(p, disco_launch_rows(p, sel.n), &grid, &block);
+  disco_shape(p, sel.n, &grid, &block);
   disco_expand_expert_kernel<<<grid, block, 0, stream>>>(*p, *pl, (const uint4 *)x, sel,
                                                          (uint4 *)recv_x, src_rank,
                                                          src_token, expert, weight);
@@ -209,7 +182,6 @@ __global__ void __launch_bounds__(DISCO_THREADS)
     disco_padding_kernel(disco_kparams_t p, disco_dev_plan_t pl, uint4 *recv_x,
                          int *src_rank, int *src_token, int *expert, float *weight) {
   const int l = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  if (p.slotted && *pl.go == 0) return;
   const long long first = pl.exp_off[l] + pl.exp_total[l], end = pl.exp_off[l + 1];
   const uint4 z = make_uint4(0u, 0u, 0u, 0u);
   for (long long row = first + warp; row < end; row += DISCO_WARPS) {
@@ -236,22 +208,14 @@ extern "C" cudaError_t disco_k_padding(const disco_kparams_t *p,
 
 /* ---- expand, RANK_MAJOR (data already in recv_x: metadata only) ---------------- */
 __global__ void disco_expand_rank_kernel(disco_kparams_t p, disco_dev_plan_t pl,
-                                         long long R, void *recv_x, int *src_rank,
-                                         int *src_token, int *expert, float *weight) {
+                                         long long R, int *src_rank, int *src_token,
+                                         int *expert, float *weight) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, K = p.top_k;
-  if (p.slotted && *pl.go == 0) return;
-  R = disco_sel_n(&p, &pl, R);
   for (long long i = blockIdx.x * DISCO_WARPS + warp; i < R;
        i += (long long)gridDim.x * DISCO_WARPS) {
     const int s = disco_source(&pl, p.world, i);
     const int *meta = disco_meta(&p, &pl, s, i);
     const int n = meta[1];
-    if (p.slotted) { /* rows still sit in the slots: copy them out */
-      const uint4 *src =
-          (const uint4 *)p.ws_recv + disco_slot(&p, &pl, s, i) * p.row_vecs;
-      uint4 *dst = (uint4 *)recv_x + i * p.row_vecs;
-      for (int v = lane; v < p.row_vecs; v += 32) dst[v] = src[v];
-    }
     if (lane == 0) {
       if (src_rank) src_rank[i] = s;
       if (src_token) src_token[i] = meta[0];
@@ -274,13 +238,11 @@ __global__ void disco_expand_rank_kernel(disco_kparams_t p, disco_dev_plan_t pl,
 
 extern "C" cudaError_t disco_k_expand_rank(const disco_kparams_t *p,
                                            const disco_dev_plan_t *pl,
-                                           int64_t recv_tokens, void *recv_x,
-                                           int32_t *src_rank, int32_t *src_token,
-                                           int32_t *expert, float *weight,
-                                           cudaStream_t stream) {
-  if (recv_tokens == 0) return cudaSuccess;
-  disco_expand_rank_kernel<<<disco_grid(p, disco_launch_rows(p, recv_tokens)),
-                             DISCO_THREADS, 0, stream>>>(
-      *p, *pl, (long long)recv_tokens, recv_x, src_rank, src_token, expert, weight);
+                                           int64_t recv_tokens, int32_t *src_rank,
+                                           int32_t *src_token, int32_t *expert,
+                                           float *weight, cudaStream_t stream) {
+  if (recv_tokens <= 0) return cudaSuccess;
+  disco_expand_rank_kernel<<<disco_grid(p, recv_tokens), DISCO_THREADS, 0, stream>>>(
+      *p, *pl, (long long)recv_tokens, src_rank, src_token, expert, weight);
   return cudaGetLastError();
 }

@@ -63,13 +63,8 @@ typedef struct disco_kparams {
   void *ws_recv;               /* [W*M] rows (dispatch receive, combine partials) */
   int32_t *send_meta;          /* [W, M, meta_ints] */
   int32_t *recv_meta;          /* [W*M, meta_ints] */
-  /* nccl_device backend (0 / NULL on nccl): received rows and metadata sit
-   * in per-source slots, row j of source s at index s * M + j of ws_recv /
-   * recv_meta (self included); the row count is known on the device only, so
-   * kernels read it there; data kernels do nothing unless the plan's `go` is
-   * set; the receive plan latches its errors into the mapped host record
-   * `lerr` (DISCO_LATCH_*) instead of returning them. */
-  int slotted;
+  /* nccl_device only (NULL on nccl): the receive plan latches its errors
+   * into this mapped host record (DISCO_LATCH_*) instead of returning them. */
   unsigned long long *lerr;
 } disco_kparams_t;
 
@@ -119,7 +114,7 @@ typedef struct disco_dev_plan {
   int64_t *srcbase;   /* [W, E_loc] first row of (source, expert) in recv_x */
   int64_t *num_rows;  /* [1] */
   int32_t *ok;        /* [1] every rank's status is success */
-  int32_t *go;        /* [1] ok and this rank's outputs hold its rows (slotted) */
+  int32_t *go;        /* [1] ok and this rank's outputs hold its rows */
   int32_t *comb_rows; /* [W*M, K] recv_x rows of a received token, experts
                          ascending, -1 after the last */
   float *comb_w;      /* [W*M, K] their weights */
@@ -140,7 +135,6 @@ cudaError_t disco_k_recv_plan(const disco_kparams_t *p, const disco_dev_plan_t *
 cudaError_t disco_k_pack(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                          const void *x, const float *weights, int64_t num_tokens,
                          int rank_major, cudaStream_t stream);
-/* sel.n < 0 (slotted): every received token, counted on the device. */
 cudaError_t disco_k_expand_expert(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                                   const void *x, disco_rowsel_t sel, void *recv_x,
                                   int32_t *src_rank, int32_t *src_token, int32_t *expert,
@@ -148,11 +142,8 @@ cudaError_t disco_k_expand_expert(const disco_kparams_t *p, const disco_dev_plan
 cudaError_t disco_k_padding(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                             void *recv_x, int32_t *src_rank, int32_t *src_token,
                             int32_t *expert, float *weight, cudaStream_t stream);
-/* Metadata of RANK_MAJOR rows (the nccl backend received the data in place;
- * slotted: the rows are copied out of the slots into recv_x too).
- * recv_tokens < 0: the count on the device (slotted). */
 cudaError_t disco_k_expand_rank(const disco_kparams_t *p, const disco_dev_plan_t *pl,
-                                int64_t recv_tokens, void *recv_x, int32_t *src_rank,
+                                int64_t recv_tokens, int32_t *src_rank,
                                 int32_t *src_token, int32_t *expert, float *weight,
                                 cudaStream_t stream);
 /* Expert side of an EXPERT_MAJOR combine: partials [recv_tokens, H] of

@@ -380,7 +380,7 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   CK_CUDA(cudaEventRecord(st->ev_aux, st->aux), "cudaEventRecord");
   tail = st->ev_aux;
   if (rank_major) {
-    CK_CUDA(disco_k_expand_rank(p, dp, pl->recv_tokens, args->recv_x, args->recv_src_rank,
+    CK_CUDA(disco_k_expand_rank(p, dp, pl->recv_tokens, args->recv_src_rank,
                                 args->recv_src_token, args->recv_expert,
                                 args->recv_weight, stream),
             "expand kernel");

@@ -326,7 +326,6 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   const char *delay = getenv("DISCO_ND_TEST_SELF_DELAY_US");
   if (delay != NULL && atoll(delay) > 0)
     st->nd.test_self_delay_ns = (unsigned long long)atoll(delay) * 1000ull;
-  p->slotted = 1;
   p->lerr = st->drec;
   /* The symmetric window, zeroed before any peer can see it (flags start at 0). */
   rc = disco_nccl_nccl(ncclMemAlloc(&st->win_mem, st->win_bytes), fn, "ncclMemAlloc", r);
@@ -336,8 +335,6 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
     rc = disco_nccl_cuda(cudaDeviceSynchronize(), fn, "cudaDeviceSynchronize", r);
   if (rc != DISCO_SUCCESS) return rc;
   st->nd.local = st->win_mem;
-  p->ws_recv = (char *)st->win_mem + st->nd.off_rows;
-  p->recv_meta = (int32_t *)((char *)st->win_mem + st->nd.off_meta);
   return DISCO_SUCCESS;
 }
 
