@@ -56,6 +56,17 @@ disco_result_t disco_nccl_params(const disco_comm_t *comm, int device, disco_kpa
                                  const char *fn);
 /* Sub-allocation of a handle's device plan in one block (base NULL: size only). */
 size_t disco_nccl_plan_carve(const disco_kparams_t *p, disco_dev_plan_t *d, char *base);
+/* Collective start of an NCCL-based comm: queries nccl_comm, allocates the
+ * comm, lets `setup` make the backend state (it reports in *extra a tuning
+ * value that must agree too); a local failure still joins the agreement so
+ * peers do not wait. Then every rank learns whether all succeeded with the
+ * same config; `compared` names those fields in the mismatch message. On
+ * failure nothing is left allocated and *out is NULL. */
+typedef disco_result_t (*disco_nccl_setup_t)(disco_comm_t *comm, ncclComm_t nccl,
+                                             int device, const char *fn, int64_t *extra);
+disco_result_t disco_nccl_create(ncclComm_t nccl_comm, const disco_config_t *config,
+                                 const char *fn, const char *compared,
+                                 disco_nccl_setup_t setup, disco_comm_t **out);
 /* Collective: every rank learns whether any failed (`failed`) and whether the
  * configs (and `split`) agree. c may be NULL when failed. */
 disco_result_t disco_nccl_agree(ncclComm_t nc, int rank, int timeout_ms,

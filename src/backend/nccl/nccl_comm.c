@@ -337,13 +337,14 @@ disco_result_t disco_nccl_agree(ncclComm_t nc, int rank, int timeout_ms,
   return rc;
 }
 
-disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm, const disco_config_t *config,
-                                      disco_comm_t **out) {
-  static const char fn[] = "disco_comm_create_nccl";
+disco_result_t disco_nccl_create(ncclComm_t nccl_comm, const disco_config_t *config,
+                                 const char *fn, const char *compared,
+                                 disco_nccl_setup_t setup, disco_comm_t **out) {
   disco_comm_t *comm = NULL;
-  disco_nccl_state_t *st = NULL;
   int rank = -1, world = 0, device = -1, any_failed = 0, mismatch = 0;
+  int64_t extra = 0;
   disco_result_t rc, local;
+  char saved[512];
   disco_error_clear();
   if (out == NULL)
     return disco_error(DISCO_ERR_NULL_POINTER, "%s: comm output is NULL", fn);
@@ -358,25 +359,12 @@ disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm, const disco_config_t
   if (rc != DISCO_SUCCESS) return rc;
   /* A local failure still joins the agreement so peers do not wait for us. */
   local = disco_comm_alloc(config, rank, world, fn, &comm);
-  if (local == DISCO_SUCCESS) {
-    st = calloc(1, sizeof(*st));
-    if (st == NULL)
-      local =
-          disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn, rank);
-  }
-  if (local == DISCO_SUCCESS) {
-    comm->ops = &disco_nccl_ops;
-    comm->backend_state = st;
-    st->nccl = nccl_comm;
-    st->device = device;
-    local = disco_nccl_setup(comm, fn);
-  }
-  char saved[512];
+  if (local == DISCO_SUCCESS) local = setup(comm, nccl_comm, device, fn, &extra);
   snprintf(saved, sizeof(saved), "%s", disco_last_error());
-  rc = disco_nccl_agree(
-      nccl_comm, rank, comm != NULL ? comm->timeout_ms : DISCO_DEFAULT_TIMEOUT_MS,
-      comm != NULL ? &comm->config : NULL, st != NULL ? st->split_bytes : 0,
-      local != DISCO_SUCCESS, fn, &any_failed, &mismatch);
+  rc = disco_nccl_agree(nccl_comm, rank,
+                        comm != NULL ? comm->timeout_ms : DISCO_DEFAULT_TIMEOUT_MS,
+                        comm != NULL ? &comm->config : NULL, extra,
+                        local != DISCO_SUCCESS, fn, &any_failed, &mismatch);
   if (rc != DISCO_SUCCESS) goto fail;
   if (local != DISCO_SUCCESS) {
     rc = disco_error(local, "%s", saved);
@@ -389,11 +377,9 @@ disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm, const disco_config_t
     goto fail;
   }
   if (mismatch) {
-    rc = disco_error(
-        DISCO_ERR_INVALID_ARGUMENT,
-        "%s: config differs between ranks (num_experts, top_k, hidden, "
-        "max_tokens, dtype, combine_wire or DISCO_NCCL_SPLIT_BYTES) on rank %d",
-        fn, rank);
+    rc = disco_error(DISCO_ERR_INVALID_ARGUMENT,
+                     "%s: config differs between ranks (%s) on rank %d", fn, compared,
+                     rank);
     goto fail;
   }
   *out = comm;
@@ -401,6 +387,31 @@ disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm, const disco_config_t
 fail:
   disco_comm_destroy(comm);
   return rc;
+}
+
+/* State of the nccl backend, then its sizes and workspaces. */
+static disco_result_t disco_nccl_make(disco_comm_t *comm, ncclComm_t nccl, int device,
+                                      const char *fn, int64_t *split) {
+  disco_nccl_state_t *st = calloc(1, sizeof(*st));
+  if (st == NULL)
+    return disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn,
+                       comm->rank);
+  comm->ops = &disco_nccl_ops;
+  comm->backend_state = st;
+  st->nccl = nccl;
+  st->device = device;
+  disco_result_t rc = disco_nccl_setup(comm, fn);
+  *split = st->split_bytes;
+  return rc;
+}
+
+disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm, const disco_config_t *config,
+                                      disco_comm_t **out) {
+  return disco_nccl_create(
+      nccl_comm, config, "disco_comm_create_nccl",
+      "num_experts, top_k, hidden, max_tokens, dtype, combine_wire or "
+      "DISCO_NCCL_SPLIT_BYTES",
+      disco_nccl_make, out);
 }
 
 #ifndef DISCO_HAVE_NCCL_DEVICE

@@ -338,65 +338,35 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   return DISCO_SUCCESS;
 }
 
+/* State of this backend, then its local resources. */
+static disco_result_t nd_make(disco_comm_t *comm, ncclComm_t nccl, int device,
+                              const char *fn, int64_t *extra) {
+  disco_nd_state_t *st = calloc(1, sizeof(*st));
+  *extra = 0;
+  if (st == NULL)
+    return disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn,
+                       comm->rank);
+  comm->ops = &disco_nd_ops;
+  comm->backend_state = st;
+  st->nccl = nccl;
+  st->device = device;
+  return nd_setup(comm, fn);
+}
+
 disco_result_t disco_comm_create_nccl_device(ncclComm_t nccl_comm,
                                              const disco_config_t *config,
                                              disco_comm_t **out) {
   static const char fn[] = "disco_comm_create_nccl_device";
   disco_comm_t *comm = NULL;
-  disco_nd_state_t *st = NULL;
-  int rank = -1, world = 0, device = -1, any_failed = 0, mismatch = 0;
-  disco_result_t rc, local;
-  char saved[512];
-  disco_error_clear();
   if (out == NULL)
     return disco_error(DISCO_ERR_NULL_POINTER, "%s: comm output is NULL", fn);
   *out = NULL;
-  if (nccl_comm == NULL)
-    return disco_error(DISCO_ERR_NULL_POINTER, "%s: nccl_comm is NULL", fn);
-  rc = disco_nccl_nccl(ncclCommUserRank(nccl_comm, &rank), fn, "ncclCommUserRank", -1);
-  if (rc == DISCO_SUCCESS)
-    rc = disco_nccl_nccl(ncclCommCount(nccl_comm, &world), fn, "ncclCommCount", rank);
-  if (rc == DISCO_SUCCESS)
-    rc = disco_nccl_cuda(cudaGetDevice(&device), fn, "cudaGetDevice", rank);
+  disco_result_t rc = disco_nccl_create(
+      nccl_comm, config, fn,
+      "num_experts, top_k, hidden, max_tokens, dtype or combine_wire", nd_make, &comm);
   if (rc != DISCO_SUCCESS) return rc;
-  /* Local failures still join the agreement so peers do not wait for us. */
-  local = disco_comm_alloc(config, rank, world, fn, &comm);
-  if (local == DISCO_SUCCESS) {
-    st = calloc(1, sizeof(*st));
-    if (st == NULL)
-      local =
-          disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn, rank);
-  }
-  if (local == DISCO_SUCCESS) {
-    comm->ops = &disco_nd_ops;
-    comm->backend_state = st;
-    st->nccl = nccl_comm;
-    st->device = device;
-    local = nd_setup(comm, fn);
-  }
-  snprintf(saved, sizeof(saved), "%s", disco_last_error());
-  rc = disco_nccl_agree(nccl_comm, rank,
-                        comm != NULL ? comm->timeout_ms : DISCO_DEFAULT_TIMEOUT_MS,
-                        comm != NULL ? &comm->config : NULL, 0, local != DISCO_SUCCESS,
-                        fn, &any_failed, &mismatch);
-  if (rc != DISCO_SUCCESS) goto fail;
-  if (local != DISCO_SUCCESS) {
-    rc = disco_error(local, "%s", saved);
-    goto fail;
-  }
-  if (any_failed) {
-    rc = disco_error(DISCO_ERR_REMOTE,
-                     "%s: another rank failed to create its comm (seen on rank %d)", fn,
-                     rank);
-    goto fail;
-  }
-  if (mismatch) {
-    rc = disco_error(DISCO_ERR_INVALID_ARGUMENT,
-                     "%s: config differs between ranks (num_experts, top_k, hidden, "
-                     "max_tokens, dtype or combine_wire) on rank %d",
-                     fn, rank);
-    goto fail;
-  }
+  disco_nd_state_t *st = comm->backend_state;
+  const int rank = comm->rank, world = comm->world_size;
   /* Collective from here on: every rank got this far. */
   rc = disco_nccl_nccl(ncclCommWindowRegister(nccl_comm, st->win_mem, st->win_bytes,
                                               &st->win, NCCL_WIN_COLL_SYMMETRIC),
