@@ -17,8 +17,6 @@ static void disco_shape(const disco_kparams_t *p, long long rows, dim3 *grid,
   *grid = dim3((unsigned)((nv + bx - 1) / bx), (unsigned)(gy < 1 ? 1 : gy), 1);
 }
 
-#define DISCO_BATCH 4 /* loads in flight per thread */
-
 __global__ void __launch_bounds__(128)
     disco_combine_expert_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *y,
                                 disco_rowsel_t sel, int weighted, int wire32) {
@@ -29,27 +27,10 @@ __global__ void __launch_bounds__(128)
   for (long long j = blockIdx.y; j < sel.n; j += gridDim.y) {
     const long long i = disco_sel(sel, pl.recv_off, p.world, p.rank, j);
     const int *rows = pl.comb_rows + i * K;
-    const float *ws = pl.comb_w + i * K;
     int n = 0;
     while (n < K && rows[n] >= 0) n++;
-    float acc[8], f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-    for (int k0 = 0; k0 < n; k0 += DISCO_BATCH) {
-      uint4 a[DISCO_BATCH];
-#pragma unroll
-      for (int u = 0; u < DISCO_BATCH; u++)
-        if (k0 + u < n) a[u] = __ldg(y + (long long)rows[k0 + u] * nv + v);
-#pragma unroll
-      for (int u = 0; u < DISCO_BATCH; u++) {
-        if (k0 + u >= n) break;
-        disco_unpack(a[u], p.dtype, f);
-        const float wk = ws[k0 + u];
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-          float term = weighted ? __fmul_rn(wk, f[e]) : f[e];
-          acc[e] = k0 + u == 0 ? term : __fadd_rn(acc[e], term);
-        }
-      }
-    }
+    float acc[8];
+    disco_fold_expert(y, rows, pl.comb_w + i * K, n, nv, v, weighted, p.dtype, acc);
     disco_store_part((uint4 *)p.ws_recv + i * out_vecs, v, wire32, nq, p.dtype, acc);
   }
 }
@@ -78,49 +59,12 @@ __global__ void __launch_bounds__(128)
   for (int t = blockIdx.y; t < T; t += gridDim.y) {
     const int *dest = pl.tok_dest + (long long)t * kd;
     const int *trow = pl.tok_row + (long long)t * kd;
-    float acc[8], f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int e = 0; e < 8; e++) acc[e] = 0.0f; /* +0.0 for tokens with no slot */
     int n = 0;
     while (n < kd && dest[n] >= 0) n++;
-    for (int k0 = 0; k0 < n; k0 += DISCO_BATCH) {
-      uint4 a[DISCO_BATCH], b[DISCO_BATCH];
-#pragma unroll
-      for (int u = 0; u < DISCO_BATCH; u++) {
-        if (k0 + u >= n) break;
-        const int d = dest[k0 + u];
-        const uint4 *row = d == p.rank
-                               ? self_part + (self_off + trow[k0 + u]) * part_vecs
-                               : (const uint4 *)p.ws_send +
-                                     ((long long)d * M + trow[k0 + u]) * part_vecs;
-        if (wire32) {
-          a[u] = __ldg(row + (long long)v * nq);
-          if (nq == 2) b[u] = __ldg(row + (long long)v * 2 + 1);
-        } else {
-          a[u] = __ldg(row + v);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < DISCO_BATCH; u++) {
-        if (k0 + u >= n) break;
-        if (wire32) {
-          f[0] = __uint_as_float(a[u].x);
-          f[1] = __uint_as_float(a[u].y);
-          f[2] = __uint_as_float(a[u].z);
-          f[3] = __uint_as_float(a[u].w);
-          if (nq == 2) {
-            f[4] = __uint_as_float(b[u].x);
-            f[5] = __uint_as_float(b[u].y);
-            f[6] = __uint_as_float(b[u].z);
-            f[7] = __uint_as_float(b[u].w);
-          }
-        } else {
-          disco_unpack(a[u], p.dtype, f);
-        }
-#pragma unroll
-        for (int e = 0; e < 8; e++) acc[e] = k0 + u == 0 ? f[e] : __fadd_rn(acc[e], f[e]);
-      }
-    }
+    float acc[8];
+    disco_fold_token<false>(dest, trow, n, p.rank, self_part, self_off,
+                            (const uint4 *)p.ws_send, M, part_vecs, v, wire32, nq,
+                            p.dtype, acc);
     out[(long long)t * nv + v] = disco_pack(acc, p.dtype);
   }
 }

@@ -29,6 +29,7 @@ static void disco_shape(const disco_kparams_t *p, long long rows, dim3 *grid,
   *grid = dim3((unsigned)((nv + bx - 1) / bx), (unsigned)(gy < 1 ? 1 : gy), 1);
 }
 
+#include "cuda/meta.cuh"
 #include "cuda/rowsel.cuh"
 
 /* ---- pack ------------------------------------------------------------------ */
@@ -37,7 +38,7 @@ __global__ void __launch_bounds__(128)
                       const float *w, int T, int rank_major) {
   /* Own ids rejected: slot data is garbage, write nothing. */
   if (pl.msg[((long long)p.world + p.rank) * p.msg_len + DISCO_MSG_CODE] != 0) return;
-  const int lane = threadIdx.x & 31, K = p.top_k, L = p.num_local, E = p.num_experts;
+  const int lane = threadIdx.x & 31, E = p.num_experts;
   const int nc = p.num_cols, C = 32 * p.layout_warps, nv = p.row_vecs, mi = p.meta_ints;
   const long long M = p.max_tokens;
   const int v = blockIdx.x * blockDim.x + threadIdx.x;
@@ -53,25 +54,8 @@ __global__ void __launch_bounds__(128)
         if (d < 0) break;
         const int row = bb[E + d] + dpos[k];
         int *meta = p.send_meta + ((long long)d * M + row) * mi;
-        int n = 0;
-        for (int jb = 0; jb < K; jb += 32) {
-          int j = jb + lane;
-          int e = j < K ? pl.slot[(long long)t * K + j] : -1;
-          int mine = e >= 0 && e / L == d;
-          unsigned bal = __ballot_sync(0xffffffffu, mine);
-          if (mine) {
-            int i = n + __popc(bal & ((1u << lane) - 1u));
-            meta[2 + 3 * i] = j | ((e - d * L) << 8);
-            meta[3 + 3 * i] = bb[e] + pl.slot_pos[(long long)t * K + j];
-            meta[4 + 3 * i] = __float_as_int(w ? w[(long long)t * K + j] : 1.0f);
-          }
-          n += __popc(bal);
-        }
-        if (lane == 0) {
-          meta[0] = t;
-          meta[1] = n;
-          pl.tok_row[(long long)t * p.kd + k] = row;
-        }
+        disco_meta_row(p, pl, bb, w, t, d, lane, meta);
+        if (lane == 0) pl.tok_row[(long long)t * p.kd + k] = row;
       }
     }
     if (v < nv) {
@@ -99,20 +83,6 @@ extern "C" cudaError_t disco_k_pack(const disco_kparams_t *p, const disco_dev_pl
   return cudaGetLastError();
 }
 
-/* Source rank of received token i (recv_off ascending). */
-__device__ __forceinline__ int disco_source(const disco_dev_plan_t *pl, int W,
-                                            long long i) {
-  int lo = 0, hi = W - 1;
-  while (lo < hi) {
-    int mid = (lo + hi + 1) >> 1;
-    if (pl->recv_off[mid] <= i)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
-
 /* Metadata row of received token i; self rows are read where pack wrote them. */
 __device__ __forceinline__ const int *disco_meta(const disco_kparams_t *p,
                                                  const disco_dev_plan_t *pl, int s,
@@ -128,30 +98,17 @@ __global__ void __launch_bounds__(128)
     disco_expand_expert_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *x,
                                disco_rowsel_t sel, uint4 *recv_x, int *src_rank,
                                int *src_token, int *expert, float *weight) {
-  const int lane = threadIdx.x & 31, K = p.top_k, L = p.num_local, nv = p.row_vecs;
+  const int lane = threadIdx.x & 31, L = p.num_local, nv = p.row_vecs;
   const int v = blockIdx.x * blockDim.x + threadIdx.x;
   for (long long j = blockIdx.y; j < sel.n; j += gridDim.y) {
     const long long i = disco_sel(sel, pl.recv_off, p.world, p.rank, j);
-    const int s = disco_source(&pl, p.world, i);
+    const int s = disco_source(pl, p.world, i);
     const int *meta = disco_meta(&p, &pl, s, i);
     const int t = meta[0], n = meta[1];
     const int64_t *sb = pl.srcbase + (long long)s * L;
-    if (blockIdx.x == 0 && threadIdx.x < 32) {
-      for (int q = lane; q < n; q += 32) {
-        int l = meta[2 + 3 * q] >> 8;
-        float wt = __int_as_float(meta[4 + 3 * q]);
-        long long row = sb[l] + meta[3 + 3 * q];
-        int rk = 0; /* rank by local expert: combine folds experts ascending */
-        for (int o = 0; o < n; o++) rk += (meta[2 + 3 * o] >> 8) < l;
-        pl.comb_rows[i * K + rk] = (int)row;
-        pl.comb_w[i * K + rk] = wt;
-        if (src_rank) src_rank[row] = s;
-        if (src_token) src_token[row] = t;
-        if (expert) expert[row] = p.rank * L + l;
-        if (weight) weight[row] = wt;
-      }
-      if (lane == 0 && n < K) pl.comb_rows[i * K + n] = -1;
-    }
+    if (blockIdx.x == 0 && threadIdx.x < 32)
+      disco_expand_meta<false>(p, pl, meta, s, i, sb, lane, src_rank, src_token, expert,
+                               weight);
     if (v < nv) {
       const uint4 val = disco_ldg(s == p.rank ? x + (long long)t * nv + v
                                               : (const uint4 *)p.ws_recv + i * nv + v);
@@ -210,29 +167,16 @@ extern "C" cudaError_t disco_k_padding(const disco_kparams_t *p,
 __global__ void disco_expand_rank_kernel(disco_kparams_t p, disco_dev_plan_t pl,
                                          long long R, int *src_rank, int *src_token,
                                          int *expert, float *weight) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, K = p.top_k;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (long long i = blockIdx.x * DISCO_WARPS + warp; i < R;
        i += (long long)gridDim.x * DISCO_WARPS) {
-    const int s = disco_source(&pl, p.world, i);
+    const int s = disco_source(pl, p.world, i);
     const int *meta = disco_meta(&p, &pl, s, i);
-    const int n = meta[1];
     if (lane == 0) {
       if (src_rank) src_rank[i] = s;
       if (src_token) src_token[i] = meta[0];
     }
-    for (int j = lane; j < K; j += 32) {
-      int l = -1;
-      float wt = 0.0f;
-      for (int q = 0; q < n; q++) {
-        int jl = meta[2 + 3 * q];
-        if ((jl & 255) == j) {
-          l = jl >> 8;
-          wt = __int_as_float(meta[4 + 3 * q]);
-        }
-      }
-      if (expert) expert[i * K + j] = l;
-      if (weight) weight[i * K + j] = wt;
-    }
+    disco_rank_slots<false>(p, meta, i, lane, 32, expert, weight);
   }
 }
 

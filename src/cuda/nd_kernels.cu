@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cuda/latch.cuh"
+#include "cuda/meta.cuh"
 #include "cuda/nd_kernels.h"
 #include "cuda/nd_sync.cuh"
 #include "cuda/recv_plan.cuh"
@@ -39,7 +40,7 @@ extern "C" unsigned long long disco_nd_window_layout(const disco_kparams_t *p,
 __device__ void nd_send_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
                               const disco_dev_plan_t &pl, const uint4 *x, const float *w,
                               int t, int rank_major, int lo, int hi, int first, int sel) {
-  const int r = p.rank, K = p.top_k, L = p.num_local, E = p.num_experts;
+  const int r = p.rank, E = p.num_experts;
   const int nc = p.num_cols, C = 32 * p.layout_warps, nv = p.row_vecs, mi = p.meta_ints;
   const int lane = threadIdx.x & 31;
   const long long M = p.max_tokens;
@@ -55,25 +56,8 @@ __device__ void nd_send_token(const disco_kparams_t &p, const disco_nd_params_t 
       if (nd_skip(sel, d == r)) continue;
       const int row = bb[E + d] + dpos[k];
       int *meta = (int *)(nd.peer[d] + nd.off_meta) + ((long long)r * M + row) * mi;
-      int n = 0;
-      for (int jb = 0; jb < K; jb += 32) {
-        int j = jb + lane;
-        int e = j < K ? pl.slot[(long long)t * K + j] : -1;
-        int mine = e >= 0 && e / L == d;
-        unsigned bal = __ballot_sync(0xffffffffu, mine);
-        if (mine) {
-          int i = n + __popc(bal & ((1u << lane) - 1u));
-          meta[2 + 3 * i] = j | ((e - d * L) << 8);
-          meta[3 + 3 * i] = bb[e] + pl.slot_pos[(long long)t * K + j];
-          meta[4 + 3 * i] = __float_as_int(w ? w[(long long)t * K + j] : 1.0f);
-        }
-        n += __popc(bal);
-      }
-      if (lane == 0) {
-        meta[0] = t;
-        meta[1] = n;
-        pl.tok_row[(long long)t * p.kd + k] = row;
-      }
+      disco_meta_row(p, pl, bb, w, t, d, lane, meta);
+      if (lane == 0) pl.tok_row[(long long)t * p.kd + k] = row;
     }
   }
   /* Up to 8 destinations per pass (min(K, W) > 8 re-reads the row). */
@@ -97,28 +81,15 @@ __device__ void nd_expand_expert(const disco_kparams_t &p, const disco_nd_params
                                  const disco_dev_plan_t &pl, const uint4 *x, long long i,
                                  uint4 *recv_x, int *src_rank, int *src_token,
                                  int *expert, float *weight, int lo, int hi, int first) {
-  const int lane = threadIdx.x & 31, K = p.top_k, L = p.num_local, nv = p.row_vecs;
-  const int s = nd_source(pl, p.world, i);
+  const int lane = threadIdx.x & 31, L = p.num_local, nv = p.row_vecs;
+  const int s = disco_source(pl, p.world, i);
   const long long slot = (long long)s * p.max_tokens + (i - pl.recv_off[s]);
   const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
   const int t = __ldcg(meta), n = __ldcg(meta + 1);
   const int64_t *sb = pl.srcbase + (long long)s * L;
-  if (first && threadIdx.x < 32) {
-    for (int q = lane; q < n; q += 32) {
-      const int l = __ldcg(meta + 2 + 3 * q) >> 8;
-      const float wt = __int_as_float(__ldcg(meta + 4 + 3 * q));
-      const long long row = sb[l] + __ldcg(meta + 3 + 3 * q);
-      int rk = 0; /* rank by local expert: combine folds experts ascending */
-      for (int o = 0; o < n; o++) rk += (__ldcg(meta + 2 + 3 * o) >> 8) < l;
-      pl.comb_rows[i * K + rk] = (int)row;
-      pl.comb_w[i * K + rk] = wt;
-      if (src_rank) src_rank[row] = s;
-      if (src_token) src_token[row] = t;
-      if (expert) expert[row] = p.rank * L + l;
-      if (weight) weight[row] = wt;
-    }
-    if (lane == 0 && n < K) pl.comb_rows[i * K + n] = -1;
-  }
+  if (first && threadIdx.x < 32)
+    disco_expand_meta<true>(p, pl, meta, s, i, sb, lane, src_rank, src_token, expert,
+                            weight);
   for (int q0 = 0; q0 < n; q0 += 8) { /* up to 8 expert rows per pass */
     uint4 *dst[8];
     const int nn = n - q0 < 8 ? n - q0 : 8;
@@ -138,8 +109,8 @@ __device__ void nd_expand_rank(const disco_kparams_t &p, const disco_nd_params_t
                                const disco_dev_plan_t &pl, long long i, uint4 *recv_x,
                                int *src_rank, int *src_token, int *expert, float *weight,
                                int lo, int hi, int first) {
-  const int K = p.top_k, nv = p.row_vecs;
-  const int s = nd_source(pl, p.world, i);
+  const int nv = p.row_vecs;
+  const int s = disco_source(pl, p.world, i);
   const long long slot = (long long)s * p.max_tokens + (i - pl.recv_off[s]);
   const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
   const int n = __ldcg(meta + 1);
@@ -151,19 +122,7 @@ __device__ void nd_expand_rank(const disco_kparams_t &p, const disco_nd_params_t
     if (src_rank) src_rank[i] = s;
     if (src_token) src_token[i] = __ldcg(meta);
   }
-  for (int j = threadIdx.x; j < K; j += blockDim.x) {
-    int l = -1;
-    float wt = 0.0f;
-    for (int q = 0; q < n; q++) {
-      const int jl = __ldcg(meta + 2 + 3 * q);
-      if ((jl & 255) == j) {
-        l = jl >> 8;
-        wt = __int_as_float(__ldcg(meta + 4 + 3 * q));
-      }
-    }
-    if (expert) expert[i * K + j] = l;
-    if (weight) weight[i * K + j] = wt;
-  }
+  disco_rank_slots<true>(p, meta, i, threadIdx.x, blockDim.x, expert, weight);
 }
 
 /* One launch per dispatch after the layout kernel: send -> (flags) -> block 0
@@ -292,7 +251,7 @@ __device__ void nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t
                                int sel) {
   const int W = p.world, K = p.top_k, nv = p.row_vecs;
   const int nq = p.dtype == DISCO_DTYPE_FP32 ? 1 : 2;
-  const int q = nd_source(pl, W, i);
+  const int q = disco_source(pl, W, i);
   if (nd_skip(sel, q == p.rank)) return;
   uint4 *dst = (uint4 *)(nd.peer[q] + nd.off_part) +
                ((long long)p.rank * p.max_tokens + (i - pl.recv_off[q])) * nd.part_vecs;
@@ -301,30 +260,11 @@ __device__ void nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t
     return;
   }
   const int *rws = pl.comb_rows + i * K;
-  const float *ws = pl.comb_w + i * K;
   int n = 0;
   while (n < K && rws[n] >= 0) n++;
   for (int v = lo + threadIdx.x; v < hi; v += blockDim.x) {
-    float acc[8], f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int e = 0; e < 8; e++) acc[e] = 0.0f;
-    for (int k0 = 0; k0 < n; k0 += DISCO_BATCH) {
-      uint4 a[DISCO_BATCH];
-#pragma unroll
-      for (int u = 0; u < DISCO_BATCH; u++)
-        if (k0 + u < n) a[u] = __ldg(y + (long long)rws[k0 + u] * nv + v);
-#pragma unroll
-      for (int u = 0; u < DISCO_BATCH; u++) {
-        if (k0 + u >= n) break;
-        disco_unpack(a[u], p.dtype, f);
-        const float wk = ws[k0 + u];
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-          float term = weighted ? __fmul_rn(wk, f[e]) : f[e];
-          acc[e] = k0 + u == 0 ? term : __fadd_rn(acc[e], term);
-        }
-      }
-    }
+    float acc[8];
+    disco_fold_expert(y, rws, pl.comb_w + i * K, n, nv, v, weighted, p.dtype, acc);
     disco_store_part(dst, v, wire32, nq, p.dtype, acc);
   }
 }
@@ -341,44 +281,9 @@ __device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_
   int n = 0;
   while (n < kd && dest[n] >= 0) n++;
   for (int v = lo + threadIdx.x; v < hi; v += blockDim.x) {
-    float acc[8], f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-    for (int e = 0; e < 8; e++) acc[e] = 0.0f; /* +0.0 for tokens with no slot */
-    for (int k0 = 0; k0 < n; k0 += DISCO_BATCH) {
-      uint4 a[DISCO_BATCH], c[DISCO_BATCH];
-#pragma unroll
-      for (int u = 0; u < DISCO_BATCH; u++) {
-        if (k0 + u >= n) break;
-        const uint4 *row =
-            part + ((long long)dest[k0 + u] * M + trow[k0 + u]) * nd.part_vecs;
-        if (wire32) {
-          a[u] = __ldcg(row + (long long)v * nq);
-          if (nq == 2) c[u] = __ldcg(row + (long long)v * 2 + 1);
-        } else {
-          a[u] = __ldcg(row + v);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < DISCO_BATCH; u++) {
-        if (k0 + u >= n) break;
-        if (wire32) {
-          f[0] = __uint_as_float(a[u].x);
-          f[1] = __uint_as_float(a[u].y);
-          f[2] = __uint_as_float(a[u].z);
-          f[3] = __uint_as_float(a[u].w);
-          if (nq == 2) {
-            f[4] = __uint_as_float(c[u].x);
-            f[5] = __uint_as_float(c[u].y);
-            f[6] = __uint_as_float(c[u].z);
-            f[7] = __uint_as_float(c[u].w);
-          }
-        } else {
-          disco_unpack(a[u], p.dtype, f);
-        }
-#pragma unroll
-        for (int e = 0; e < 8; e++) acc[e] = k0 + u == 0 ? f[e] : __fadd_rn(acc[e], f[e]);
-      }
-    }
+    float acc[8];
+    disco_fold_token<true>(dest, trow, n, p.rank, part, (long long)p.rank * M, part, M,
+                           nd.part_vecs, v, wire32, nq, p.dtype, acc);
     out[(long long)t * nv + v] = disco_pack(acc, p.dtype);
   }
 }

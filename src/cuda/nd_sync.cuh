@@ -117,19 +117,6 @@ __device__ __forceinline__ int nd_last_block(unsigned *done) {
   return 1;
 }
 
-/* Source rank of received token i (recv_off ascending). */
-__device__ __forceinline__ int nd_source(const disco_dev_plan_t &pl, int W, long long i) {
-  int lo = 0, hi = W - 1;
-  while (lo < hi) {
-    int mid = (lo + hi + 1) >> 1;
-    if (pl.recv_off[mid] <= i)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
-
 /* Waits (one thread) for a device-local word written by another block of the
  * same (co-resident) grid to reach want; 0 if the comm died meanwhile (that
  * block timed out). */

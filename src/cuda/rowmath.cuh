@@ -1,5 +1,5 @@
 /* Internal: 16-byte vectors of a row <-> fp32, rounding as src/core/dtype.h;
- * shared by the combine kernels of both GPU backends. */
+ * and the combine folds, shared by the kernels of both GPU backends. */
 #ifndef DISCO_CUDA_ROWMATH_CUH_
 #define DISCO_CUDA_ROWMATH_CUH_
 
@@ -57,6 +57,94 @@ __device__ __forceinline__ void disco_store_part(uint4 *row, long long v, int wi
                                   __float_as_uint(f[6]), __float_as_uint(f[7]));
   } else {
     row[v] = disco_pack(f, dtype);
+  }
+}
+
+#define DISCO_BATCH 4 /* rows in flight per thread in a fold */
+
+/* Expert side, vector v of one received token: its n >= 1 rows of y (`rows`,
+ * local experts ascending) folded in order, each times its weight when
+ * `weighted`: fold from the first term, separate fp32 roundings, no FMA
+ * (docs/semantics.md). */
+__device__ __forceinline__ void disco_fold_expert(const uint4 *y, const int *rows,
+                                                  const float *ws, int n, int nv, int v,
+                                                  int weighted, int dtype, float *acc) {
+  float f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int e = 0; e < 8; e++) acc[e] = 0.0f;
+  for (int k0 = 0; k0 < n; k0 += DISCO_BATCH) {
+    uint4 a[DISCO_BATCH];
+#pragma unroll
+    for (int u = 0; u < DISCO_BATCH; u++)
+      if (k0 + u < n) a[u] = __ldg(y + (long long)rows[k0 + u] * nv + v);
+#pragma unroll
+    for (int u = 0; u < DISCO_BATCH; u++) {
+      if (k0 + u >= n) break;
+      disco_unpack(a[u], dtype, f);
+      const float wk = ws[k0 + u];
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        float term = weighted ? __fmul_rn(wk, f[e]) : f[e];
+        acc[e] = k0 + u == 0 ? term : __fadd_rn(acc[e], term);
+      }
+    }
+  }
+}
+
+/* Token side, vector v of one token: its n partial rows (destination ranks
+ * `dest` ascending, rows `trow` in their segments) folded; +0.0 when n == 0.
+ * The row for destination d is self_base + (self_off + trow) * part_vecs when
+ * d == self, else other_base + (d * M + trow) * part_vecs. wire32: fp32
+ * partials, nq 16-byte vectors per vector of the dtype row. CG: partials
+ * written by other GPUs during the kernel (read through L2). */
+template <bool CG>
+__device__ __forceinline__ void disco_fold_token(const int *dest, const int *trow, int n,
+                                                 int self, const uint4 *self_base,
+                                                 long long self_off,
+                                                 const uint4 *other_base, long long M,
+                                                 int part_vecs, int v, int wire32, int nq,
+                                                 int dtype, float *acc) {
+  float f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+  for (int e = 0; e < 8; e++) acc[e] = 0.0f;
+  for (int k0 = 0; k0 < n; k0 += DISCO_BATCH) {
+    uint4 a[DISCO_BATCH], b[DISCO_BATCH];
+#pragma unroll
+    for (int u = 0; u < DISCO_BATCH; u++) {
+      if (k0 + u >= n) break;
+      const int d = dest[k0 + u];
+      const uint4 *row = d == self
+                             ? self_base + (self_off + trow[k0 + u]) * part_vecs
+                             : other_base + ((long long)d * M + trow[k0 + u]) * part_vecs;
+      if (wire32) {
+        a[u] = CG ? __ldcg(row + (long long)v * nq) : __ldg(row + (long long)v * nq);
+        if (nq == 2)
+          b[u] =
+              CG ? __ldcg(row + (long long)v * 2 + 1) : __ldg(row + (long long)v * 2 + 1);
+      } else {
+        a[u] = CG ? __ldcg(row + v) : __ldg(row + v);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < DISCO_BATCH; u++) {
+      if (k0 + u >= n) break;
+      if (wire32) {
+        f[0] = __uint_as_float(a[u].x);
+        f[1] = __uint_as_float(a[u].y);
+        f[2] = __uint_as_float(a[u].z);
+        f[3] = __uint_as_float(a[u].w);
+        if (nq == 2) {
+          f[4] = __uint_as_float(b[u].x);
+          f[5] = __uint_as_float(b[u].y);
+          f[6] = __uint_as_float(b[u].z);
+          f[7] = __uint_as_float(b[u].w);
+        }
+      } else {
+        disco_unpack(a[u], dtype, f);
+      }
+#pragma unroll
+      for (int e = 0; e < 8; e++) acc[e] = k0 + u == 0 ? f[e] : __fadd_rn(acc[e], f[e]);
+    }
   }
 }
 
