@@ -151,13 +151,10 @@ disco_result_t disco_combine(disco_comm_t *comm, disco_handle_t *handle,
           handle->valid && handle->data_moved) {
         char msg[512];
         snprintf(msg, sizeof(msg), "%s", disco_last_error());
-        comm->ops->combine_abort(
-            comm, handle,
+        const int has_stream =
             args != NULL && args->magic == DISCO_COMBINE_ARGS_MAGIC &&
-                    args->size >= offsetof(disco_combine_args_t, stream) + sizeof(void *)
-                ? args->stream
-                : NULL,
-            rc);
+            args->size >= offsetof(disco_combine_args_t, stream) + sizeof(void *);
+        comm->ops->combine_abort(comm, handle, has_stream ? args->stream : NULL, rc);
         disco_error(rc, "%s", msg);
       }
       return rc;

@@ -43,7 +43,7 @@ ncclResult_t disco_nd_dev_destroy(ncclComm_t comm, void *dev_comm);
 
 /* nd_comm.c */
 /* The latched fatal error (TIMEOUT) as a disco error, or SUCCESS. */
-disco_result_t disco_nd_fatal(disco_comm_t *comm, const char *fn);
+disco_result_t disco_nd_fatal(disco_comm_t *comm);
 /* After enqueueing a call on `stream`: remember it for check/destroy. */
 disco_result_t disco_nd_mark(disco_comm_t *comm, cudaStream_t stream, const char *fn);
 /* Bounded host wait for the last marked call. */

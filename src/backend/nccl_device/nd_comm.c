@@ -115,11 +115,10 @@ static disco_result_t nd_report(const disco_comm_t *comm, const unsigned long lo
   }
 }
 
-disco_result_t disco_nd_fatal(disco_comm_t *comm, const char *fn) {
+disco_result_t disco_nd_fatal(disco_comm_t *comm) {
   disco_nd_state_t *st = comm->backend_state;
   volatile unsigned long long *f = st->hrec + DISCO_LATCH_WORDS;
   unsigned long long rec[DISCO_LATCH_WORDS];
-  (void)fn;
   if (f[DISCO_LATCH_CODE] == 0ull) return DISCO_SUCCESS;
   for (int i = 0; i < DISCO_LATCH_WORDS; i++) rec[i] = f[i];
   return nd_report(comm, rec, 1);
@@ -167,7 +166,7 @@ static disco_result_t nd_check(disco_comm_t *comm, int wait) {
     rc = disco_nd_wait_last(comm, fn);
     if (rc != DISCO_SUCCESS) return rc;
   }
-  rc = disco_nd_fatal(comm, fn);
+  rc = disco_nd_fatal(comm);
   if (rc != DISCO_SUCCESS) return rc;
   volatile unsigned long long *l = st->hrec;
   unsigned long long rec[DISCO_LATCH_WORDS];

@@ -46,7 +46,7 @@ disco_result_t disco_nd_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   disco_kparams_t kp = st->kp;
   disco_nd_io_t io = nd_io(args, align, !layout_only, 0,
                            layout_only ? DISCO_CALL_LAYOUT : DISCO_CALL_DISPATCH);
-  disco_result_t rc = disco_nd_fatal(comm, fn);
+  disco_result_t rc = disco_nd_fatal(comm);
   if (rc != DISCO_SUCCESS) return rc;
   CK_CUDA(cudaSetDevice(st->device), "cudaSetDevice");
   if (!reuse)
@@ -64,7 +64,7 @@ disco_result_t disco_nd_dispatch(disco_comm_t *comm, disco_handle_t *handle,
     rc = disco_nd_mark(comm, stream, fn);
     if (rc != DISCO_SUCCESS) goto done;
     rc = disco_nd_wait_last(comm, fn);
-    if (rc == DISCO_SUCCESS) rc = disco_nd_fatal(comm, fn);
+    if (rc == DISCO_SUCCESS) rc = disco_nd_fatal(comm);
     if (rc != DISCO_SUCCESS) goto done;
     const int64_t *recv = pl->host_msg + (int64_t)W * kp.msg_len;
     rc = disco_nccl_check_status(comm, &kp, recv, fn);
@@ -97,7 +97,7 @@ void disco_nd_dispatch_abort(disco_comm_t *comm, disco_handle_t *handle, void *s
   cudaStream_t stream = (cudaStream_t)stream_v;
   disco_kparams_t kp = st->kp;
   disco_nd_io_t io = nd_io(NULL, 1, 0, (int)code, DISCO_CALL_DISPATCH);
-  if (pl == NULL || disco_nd_fatal(comm, fn) != DISCO_SUCCESS ||
+  if (pl == NULL || disco_nd_fatal(comm) != DISCO_SUCCESS ||
       cudaSetDevice(st->device) != cudaSuccess)
     return;
   /* Peers latch DISCO_ERR_REMOTE from this rank's status; this rank's own
@@ -118,7 +118,7 @@ static disco_result_t nd_combine(disco_comm_t *comm, disco_handle_t *handle,
                      comm->config.combine_wire == DISCO_COMBINE_WIRE_FP32 &&
                      comm->config.dtype != DISCO_DTYPE_FP32;
   disco_kparams_t kp = st->kp;
-  disco_result_t rc = disco_nd_fatal(comm, fn);
+  disco_result_t rc = disco_nd_fatal(comm);
   if (rc != DISCO_SUCCESS) return rc;
   if (code != DISCO_SUCCESS) kp.lerr = NULL; /* returned by the call itself */
   CK_CUDA(cudaSetDevice(st->device), "cudaSetDevice");
