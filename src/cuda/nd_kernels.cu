@@ -143,10 +143,13 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   const u64 call = (u64)call_kind << 32 | (s & 0xffffffffull);
   const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
   int ok = 1, bad, code;
+  const int tr = b == 0 && threadIdx.x == 0; /* the thread that traces */
+  if (tr) nd_trace(nd, 0, s, 0);
   /* 1. The peers have read our previous rows: we may overwrite the slots. */
   if (threadIdx.x == 0)
     ok = nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad,
                      &code);
+  if (tr) nd_trace(nd, 0, s, 1);
   if (!nd_block_all(ok)) return;
   /* 2. Count messages (self included), rows, metadata; flags by the last block. */
   if (b == 0)
@@ -171,12 +174,14 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                     late ? pass + 1 : 0);
     }
   }
+  if (tr) nd_trace(nd, 0, s, 2);
   if (nd_last_block(&nd.done[0])) {
     for (int d = 0; d < W; d++)
       if (d != r)
         nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_DFLAG, r),
                       s << 8 | (u64)(st & 255));
     nd_st_release_gpu(&nd.sent[0], s); /* our own slot's rows and metadata too */
+    nd_trace(nd, 0, s, 3);
   }
   /* 3. Block 0: every source's data is here, this rank's own slot included
    * (written by other blocks of this grid); counts -> receive plan. */
@@ -185,6 +190,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
       ok = nd_wait_all(p, nd, DISCO_ND_DFLAG, s, DISCO_ND_PHASE_DFLAG, call, &bad,
                        &code) &&
            nd_wait_block0(nd, &nd.sent[0], s);
+    if (tr) nd_trace(nd, 0, s, 4);
     if (!nd_block_all(ok)) return;
     const int n = W * ml;
     const long long *cnt = (const long long *)(nd.local + nd.off_cnt);
@@ -197,6 +203,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
       __threadfence();
       asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(nd.plan), "l"(s)
                    : "memory");
+      nd_trace(nd, 0, s, 5);
     }
   } else {
     if (threadIdx.x == 0) ok = nd_wait_block0(nd, nd.plan, s);
@@ -234,11 +241,13 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
         }
       }
   }
+  if (tr) nd_trace(nd, 0, s, 6);
   /* 5. Done reading the slots: ack every source; next call's sequence. */
   if (nd_last_block(&nd.done[2])) {
     for (int q = 0; q < W; q++)
       if (q != r) nd_st_release(nd_flag(nd, nd.peer[q], W, DISCO_ND_DACK, r), s << 8);
     nd.seq[0] = s;
+    nd_trace(nd, 0, s, 7);
   }
 }
 
@@ -306,6 +315,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
          : y_rows >= 0 && y_rows < rows ? (int)DISCO_ERR_CAPACITY
                                         : 0;
   int ok = 1, q = -1, code = 0;
+  const int tr = b == 0 && threadIdx.x == 0;
+  if (tr) nd_trace(nd, 1, c, 0);
   if (threadIdx.x == 0) {
     if (b == 0 && st != 0 && status_in == 0)
       disco_latch(p.lerr, st, r, (long long)call, y_rows, rows, 0, 0);
@@ -313,6 +324,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     ok =
         nd_wait_all(p, nd, DISCO_ND_CACK, c - 1ull, DISCO_ND_PHASE_CACK, call, &q, &code);
   }
+  if (tr) nd_trace(nd, 1, c, 1);
   if (!nd_block_all(ok)) return;
   /* Test hook: rank 0 stores its own partials late (see dispatch). */
   const int late = nd.test_self_delay_ns != 0ull && r == 0;
@@ -327,12 +339,14 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                      late ? pass + 1 : 0);
     }
   }
+  if (tr) nd_trace(nd, 1, c, 2);
   if (nd_last_block(&nd.done[1])) {
     for (int d = 0; d < W; d++)
       if (d != r)
         nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_CFLAG, r),
                       c << 8 | (u64)(st & 255));
     nd_st_release_gpu(&nd.sent[1], c); /* our own partials too */
+    nd_trace(nd, 1, c, 3);
   }
   if (threadIdx.x == 0) {
     /* Every expert rank's partials, ours (other blocks of this grid) included. */
@@ -341,6 +355,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     if (ok && st == 0 && q >= 0 && b == 0)
       disco_latch(p.lerr, DISCO_ERR_REMOTE, q, (long long)call, -1, -1, -1, code);
     if (ok && (st != 0 || q >= 0)) ok = 2; /* someone failed: write nothing */
+    if (tr) nd_trace(nd, 1, c, 4);
   }
   ok = nd_block_all(ok);
   if (!ok) return;
@@ -350,10 +365,12 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
       nd_piece(p.row_vecs, P, it % P, &lo, &hi);
       nd_ctoken_token(p, nd, pl, out, wire32, it / P, lo, hi);
     }
+  if (tr) nd_trace(nd, 1, c, 5);
   if (nd_last_block(&nd.done[3])) {
     for (int d = 0; d < W; d++)
       if (d != r) nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_CACK, r), c << 8);
     nd.seq[1] = c;
+    nd_trace(nd, 1, c, 6);
   }
 }
 

@@ -55,7 +55,12 @@ typedef struct disco_nd_params {
   unsigned long long *fatal;  /* device word, != 0 after a timeout: exit */
   unsigned long long *hfatal; /* mapped host record of the fatal error */
   unsigned long long timeout_ns;
+  unsigned long long *trace; /* device [2][CALLS][SLOTS] phase times, NULL: off */
 } disco_nd_params_t;
+
+/* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c). */
+#define DISCO_ND_TRACE_CALLS 256
+#define DISCO_ND_TRACE_SLOTS 8
 
 /* Window bytes per rank and the offsets, a pure function of the sizes. */
 unsigned long long disco_nd_window_layout(const disco_kparams_t *p, int part_vecs,

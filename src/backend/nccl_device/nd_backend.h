@@ -49,6 +49,11 @@ disco_result_t disco_nd_mark(disco_comm_t *comm, cudaStream_t stream, const char
 /* Bounded host wait for the last marked call. */
 disco_result_t disco_nd_wait_last(disco_comm_t *comm, const char *fn);
 
+/* nd_trace.c: DISCO_ND_TRACE=1 phase timing (allocates st->nd.trace). */
+disco_result_t disco_nd_trace_init(disco_nd_state_t *st, int rank, const char *fn);
+/* Prints the median phase lengths of the last calls to stderr. */
+void disco_nd_trace_report(disco_nd_state_t *st, int rank);
+
 /* nd_ops.c */
 disco_result_t disco_nd_dispatch(disco_comm_t *comm, disco_handle_t *handle,
                                  const disco_dispatch_args_t *args, int layout_only,

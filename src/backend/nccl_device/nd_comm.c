@@ -230,6 +230,7 @@ static void nd_destroy(disco_comm_t *comm) {
   int healthy = disco_nd_wait_last(comm, "disco_comm_destroy") == DISCO_SUCCESS &&
                 st->hrec != NULL &&
                 st->hrec[DISCO_LATCH_WORDS + DISCO_LATCH_CODE] == 0ull;
+  if (healthy && st->nd.trace != NULL) disco_nd_trace_report(st, comm->rank);
   if (healthy) {
     if (st->dev_comm != NULL) disco_nd_dev_destroy(st->nccl, st->dev_comm);
     if (st->win_registered) ncclCommWindowDeregister(st->nccl, st->win);
@@ -238,6 +239,7 @@ static void nd_destroy(disco_comm_t *comm) {
   cudaFree(st->kp.blk_cnt);
   cudaFree(st->kp.err_key);
   cudaFree(st->small);
+  cudaFree(st->nd.trace);
   if (st->hrec != NULL) cudaFreeHost(st->hrec);
   if (st->last != NULL) cudaEventDestroy(st->last);
   free(st);
@@ -326,6 +328,8 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   if (delay != NULL && atoll(delay) > 0)
     st->nd.test_self_delay_ns = (unsigned long long)atoll(delay) * 1000ull;
   p->lerr = st->drec;
+  rc = disco_nd_trace_init(st, r, fn);
+  if (rc != DISCO_SUCCESS) return rc;
   /* The symmetric window, zeroed before any peer can see it (flags start at 0). */
   rc = disco_nccl_nccl(ncclMemAlloc(&st->win_mem, st->win_bytes), fn, "ncclMemAlloc", r);
   if (rc == DISCO_SUCCESS)

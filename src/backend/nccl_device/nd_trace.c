@@ -1,0 +1,79 @@
+/* nccl_device: opt-in phase timing (DISCO_ND_TRACE=1). The kernels store
+ * %globaltimer at the end of each phase of the last DISCO_ND_TRACE_CALLS
+ * calls; destroying the comm prints the median length of every phase to
+ * stderr, one line per kind and rank. A tuning aid for where the time goes
+ * (docs/nccl_device.md): the GPU machines have no profiler. */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/nccl/nccl_backend.h"
+#include "backend/nccl_device/nd_backend.h"
+
+#define ND_TRACE_WORDS (2u * DISCO_ND_TRACE_CALLS * DISCO_ND_TRACE_SLOTS)
+
+disco_result_t disco_nd_trace_init(disco_nd_state_t *st, int rank, const char *fn) {
+  const char *env = getenv("DISCO_ND_TRACE");
+  unsigned long long *t = NULL;
+  disco_result_t rc;
+  if (env == NULL || atoi(env) <= 0) return DISCO_SUCCESS;
+  rc = disco_nccl_cuda(cudaMalloc((void **)&t, ND_TRACE_WORDS * 8u), fn,
+                       "cudaMalloc(trace)", rank);
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(cudaMemset(t, 0, ND_TRACE_WORDS * 8u), fn, "cudaMemset", rank);
+  if (rc != DISCO_SUCCESS) {
+    cudaFree(t);
+    return rc;
+  }
+  st->nd.trace = t;
+  return DISCO_SUCCESS;
+}
+
+static int nd_cmp_u64(const void *a, const void *b) {
+  const unsigned long long x = *(const unsigned long long *)a;
+  const unsigned long long y = *(const unsigned long long *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* Median over calls of slot[i] - slot[j] in us, calls with both set. */
+static double nd_median(const unsigned long long *ring, unsigned long long first,
+                        unsigned long long last, int i, int j, unsigned long long *tmp) {
+  int n = 0;
+  for (unsigned long long c = first; c <= last; c++) {
+    const unsigned long long *e = ring + (c % DISCO_ND_TRACE_CALLS) * DISCO_ND_TRACE_SLOTS;
+    if (e[i] != 0ull && e[j] != 0ull && e[i] >= e[j]) tmp[n++] = e[i] - e[j];
+  }
+  if (n == 0) return -1.0;
+  qsort(tmp, (size_t)n, sizeof(*tmp), nd_cmp_u64);
+  return (double)tmp[n / 2] / 1000.0;
+}
+
+void disco_nd_trace_report(disco_nd_state_t *st, int rank) {
+  static const char *const names[2][DISCO_ND_TRACE_SLOTS] = {
+      {"", "ack-wait", "send", "+last-send", "+flags", "plan", "expand", "+last-expand"},
+      {"", "ack-wait", "send", "+last-send", "+flags", "token", "+last-token", ""}};
+  static const int last[2] = {7, 6};
+  static const char *const kinds[2] = {"dispatch", "combine"};
+  unsigned long long *ring = malloc(ND_TRACE_WORDS * 8u), seq[2], tmp[DISCO_ND_TRACE_CALLS];
+  if (ring == NULL || cudaMemcpy(seq, st->nd.seq, sizeof(seq), cudaMemcpyDeviceToHost) !=
+                          cudaSuccess ||
+      cudaMemcpy(ring, st->nd.trace, ND_TRACE_WORDS * 8u, cudaMemcpyDeviceToHost) !=
+          cudaSuccess) {
+    free(ring);
+    return;
+  }
+  for (int k = 0; k < 2; k++) {
+    const unsigned long long n = seq[k] < DISCO_ND_TRACE_CALLS ? seq[k] : DISCO_ND_TRACE_CALLS;
+    /* the first few calls warm up: skipped when there are enough */
+    const unsigned long long skip = n > 8 ? 3 : 0, first = seq[k] - n + 1 + skip;
+    const unsigned long long *r = ring + (size_t)k * DISCO_ND_TRACE_CALLS * DISCO_ND_TRACE_SLOTS;
+    if (n == 0) continue;
+    fprintf(stderr, "disco trace rank %d %s, median us of %llu calls:", rank, kinds[k],
+            n - skip);
+    for (int i = 1; i < DISCO_ND_TRACE_SLOTS; i++)
+      if (names[k][i][0] != '\0')
+        fprintf(stderr, " %s %.1f", names[k][i], nd_median(r, first, seq[k], i, i - 1, tmp));
+    fprintf(stderr, " | kernel %.1f\n", nd_median(r, first, seq[k], last[k], 0, tmp));
+  }
+  free(ring);
+}
