@@ -76,18 +76,20 @@ __device__ void nd_send_token(const disco_kparams_t &p, const disco_nd_params_t 
 }
 
 /* Received token i (EXPERT_MAJOR) into its expert rows, with metadata and
- * combine's per-row lists (block-wide). */
+ * combine's per-row lists, by S threads (tid: a block, or a warp's lane). */
+template <int S>
 __device__ void nd_expand_expert(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                  const disco_dev_plan_t &pl, const uint4 *x, long long i,
                                  uint4 *recv_x, int *src_rank, int *src_token,
-                                 int *expert, float *weight, int lo, int hi, int first) {
-  const int lane = threadIdx.x & 31, L = p.num_local, nv = p.row_vecs;
+                                 int *expert, float *weight, int lo, int hi, int first,
+                                 int tid) {
+  const int lane = tid & 31, L = p.num_local, nv = p.row_vecs;
   const int s = disco_source(pl, p.world, i);
   const long long slot = (long long)s * p.max_tokens + (i - pl.recv_off[s]);
   const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
   const int t = __ldcg(meta), n = __ldcg(meta + 1);
   const int64_t *sb = pl.srcbase + (long long)s * L;
-  if (first && threadIdx.x < 32)
+  if (first && tid < 32)
     disco_expand_meta<true>(p, pl, meta, s, i, sb, lane, src_rank, src_token, expert,
                             weight);
   for (int q0 = 0; q0 < n; q0 += 8) { /* up to 8 expert rows per pass */
@@ -98,17 +100,20 @@ __device__ void nd_expand_expert(const disco_kparams_t &p, const disco_nd_params
                          __ldcg(meta + 3 + 3 * (q0 + q))) *
                             nv;
     if (s == p.rank)
-      nd_copy<false>(dst, nn, x + (long long)t * nv, lo, hi);
+      nd_copy_s<false, S>(dst, nn, x + (long long)t * nv, lo, hi, tid);
     else
-      nd_copy<true>(dst, nn, (const uint4 *)(nd.local + nd.off_rows) + slot * nv, lo, hi);
+      nd_copy_s<true, S>(dst, nn, (const uint4 *)(nd.local + nd.off_rows) + slot * nv, lo,
+                         hi, tid);
   }
 }
 
-/* Received token i (RANK_MAJOR): its row out of the slot, src and K slots. */
+/* Received token i (RANK_MAJOR): its row out of the slot, src and K slots,
+ * by S threads. */
+template <int S>
 __device__ void nd_expand_rank(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                const disco_dev_plan_t &pl, long long i, uint4 *recv_x,
                                int *src_rank, int *src_token, int *expert, float *weight,
-                               int lo, int hi, int first) {
+                               int lo, int hi, int first, int tid) {
   const int nv = p.row_vecs;
   const int s = disco_source(pl, p.world, i);
   const long long slot = (long long)s * p.max_tokens + (i - pl.recv_off[s]);
@@ -116,13 +121,13 @@ __device__ void nd_expand_rank(const disco_kparams_t &p, const disco_nd_params_t
   const int n = __ldcg(meta + 1);
   const uint4 *src = (const uint4 *)(nd.local + nd.off_rows) + slot * nv;
   uint4 *dst = recv_x + i * nv;
-  nd_copy<true>(&dst, 1, src, lo, hi);
+  nd_copy_s<true, S>(&dst, 1, src, lo, hi, tid);
   if (!first) return;
-  if (threadIdx.x == 0) {
+  if (tid == 0) {
     if (src_rank) src_rank[i] = s;
     if (src_token) src_token[i] = __ldcg(meta);
   }
-  disco_rank_slots<true>(p, meta, i, threadIdx.x, blockDim.x, expert, weight);
+  disco_rank_slots<true>(p, meta, i, tid, S, expert, weight);
 }
 
 /* One launch per dispatch after the layout kernel: send -> (flags) -> block 0
@@ -213,17 +218,31 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
    * rows fit), padding rows. */
   if (rows_on && *(volatile int32_t *)pl.go) {
     const long long R = pl.recv_off[W];
-    const int P = nd_parts(nb, R, p.row_vecs);
-    for (long long it = b; it < R * P; it += nb) {
-      const long long i = it / P;
-      int lo, hi;
-      nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
-      if (rank_major)
-        nd_expand_rank(p, nd, pl, i, recv_x, src_rank, src_token, expert, weight, lo, hi,
-                       it % P == 0);
-      else
-        nd_expand_expert(p, nd, pl, x, i, recv_x, src_rank, src_token, expert, weight, lo,
-                         hi, it % P == 0);
+    const int wpb = DISCO_ND_THREADS / 32, tid = threadIdx.x;
+    if (!(nd.tune & DISCO_ND_TUNE_BLOCK_EXPAND) &&
+        (R >= (long long)nb * wpb || (nd.tune & DISCO_ND_TUNE_FORCE_WARP))) {
+      /* Many rows: one per warp, so that each SM overlaps the metadata
+       * loads of many rows with the copies of others. */
+      for (long long i = (long long)b * wpb + (tid >> 5); i < R; i += (long long)nb * wpb)
+        if (rank_major)
+          nd_expand_rank<32>(p, nd, pl, i, recv_x, src_rank, src_token, expert, weight, 0,
+                             p.row_vecs, 1, tid & 31);
+        else
+          nd_expand_expert<32>(p, nd, pl, x, i, recv_x, src_rank, src_token, expert,
+                               weight, 0, p.row_vecs, 1, tid & 31);
+    } else {
+      const int P = nd_parts(nb, R, p.row_vecs);
+      for (long long it = b; it < R * P; it += nb) {
+        const long long i = it / P;
+        int lo, hi;
+        nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
+        if (rank_major)
+          nd_expand_rank<DISCO_ND_THREADS>(p, nd, pl, i, recv_x, src_rank, src_token,
+                                           expert, weight, lo, hi, it % P == 0, tid);
+        else
+          nd_expand_expert<DISCO_ND_THREADS>(p, nd, pl, x, i, recv_x, src_rank, src_token,
+                                             expert, weight, lo, hi, it % P == 0, tid);
+      }
     }
     if (!rank_major && align > 1)
       for (int l = b; l < p.num_local; l += nb) {
@@ -252,12 +271,25 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
 }
 
 /* ---- combine ----------------------------------------------------------------- */
+/* Received row of the combine's item j, or -1 (a hole). By default items go
+ * round the token owners (r + 1, r + 2, ...): every rank stores to all its
+ * peers at once instead of all ranks to rank 0 first, then to rank 1, ...
+ * (a convoy: one receiver's links busy, the others idle). */
+__device__ __forceinline__ long long nd_citem_row(const disco_dev_plan_t &pl, int W,
+                                                  int r, long long j, int rr) {
+  if (!rr) return j;
+  const int q = (r + 1 + (int)(j % W)) % W;
+  const long long k = j / W;
+  return k < pl.recv_off[q + 1] - pl.recv_off[q] ? pl.recv_off[q] + k : -1;
+}
+
 /* Expert side of received token i: fold its rows (EXPERT_MAJOR) or take y's
  * row (RANK_MAJOR), store at the token owner's slot (block-wide). */
+template <int S>
 __device__ void nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                const disco_dev_plan_t &pl, const uint4 *y, long long i,
                                int weighted, int wire32, int rank_major, int lo, int hi,
-                               int sel) {
+                               int sel, int tid) {
   const int W = p.world, K = p.top_k, nv = p.row_vecs;
   const int nq = p.dtype == DISCO_DTYPE_FP32 ? 1 : 2;
   const int q = disco_source(pl, W, i);
@@ -265,13 +297,13 @@ __device__ void nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t
   uint4 *dst = (uint4 *)(nd.peer[q] + nd.off_part) +
                ((long long)p.rank * p.max_tokens + (i - pl.recv_off[q])) * nd.part_vecs;
   if (rank_major) { /* the caller reduced: the row goes back as it is */
-    nd_copy<false>(&dst, 1, y + i * nv, lo, hi);
+    nd_copy_s<false, S>(&dst, 1, y + i * nv, lo, hi, tid);
     return;
   }
   const int *rws = pl.comb_rows + i * K;
   int n = 0;
   while (n < K && rws[n] >= 0) n++;
-  for (int v = lo + threadIdx.x; v < hi; v += blockDim.x) {
+  for (int v = lo + tid; v < hi; v += S) {
     float acc[8];
     disco_fold_expert(y, rws, pl.comb_w + i * K, n, nv, v, weighted, p.dtype, acc);
     disco_store_part(dst, v, wire32, nq, p.dtype, acc);
@@ -279,9 +311,10 @@ __device__ void nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t
 }
 
 /* Token side of token t: fold over destinations ascending (block-wide). */
+template <int S>
 __device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                 const disco_dev_plan_t &pl, uint4 *out, int wire32, int t,
-                                int lo, int hi) {
+                                int lo, int hi, int tid) {
   const int kd = p.kd, nv = p.row_vecs, nq = p.dtype == DISCO_DTYPE_FP32 ? 1 : 2;
   const long long M = p.max_tokens;
   const uint4 *part = (const uint4 *)(nd.local + nd.off_part);
@@ -289,7 +322,7 @@ __device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_
   const int *trow = pl.tok_row + (long long)t * kd;
   int n = 0;
   while (n < kd && dest[n] >= 0) n++;
-  for (int v = lo + threadIdx.x; v < hi; v += blockDim.x) {
+  for (int v = lo + tid; v < hi; v += S) {
     float acc[8];
     disco_fold_token<true>(dest, trow, n, p.rank, part, (long long)p.rank * M, part, M,
                            nd.part_vecs, v, wire32, nq, p.dtype, acc);
@@ -332,11 +365,33 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     if (pass == 1) nd_sleep(nd.test_self_delay_ns);
     const long long R = pl.recv_off[W];
     const int P = nd_parts(nb, R, p.row_vecs);
-    for (long long it = b; it < R * P; it += nb) {
-      int lo, hi;
-      nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
-      nd_csend_token(p, nd, pl, y, it / P, weighted, wire32, rank_major, lo, hi,
-                     late ? pass + 1 : 0);
+    const int rr = !(nd.tune & DISCO_ND_TUNE_SOURCE_ORDER);
+    long long N = R;
+    if (rr) { /* items: W times the most rows from one source */
+      N = 0;
+      for (int q = 0; q < W; q++)
+        if (pl.recv_off[q + 1] - pl.recv_off[q] > N) N = pl.recv_off[q + 1] - pl.recv_off[q];
+      N *= W;
+    }
+    const int sel = late ? pass + 1 : 0, wpb = DISCO_ND_THREADS / 32;
+    if (!(nd.tune & DISCO_ND_TUNE_BLOCK_CSEND) &&
+        (R >= (long long)nb * wpb || (nd.tune & DISCO_ND_TUNE_FORCE_WARP))) {
+      for (long long j = (long long)b * wpb + (threadIdx.x >> 5); j < N;
+           j += (long long)nb * wpb) { /* a row per warp, as the expand */
+        const long long i = nd_citem_row(pl, W, r, j, rr);
+        if (i >= 0)
+          nd_csend_token<32>(p, nd, pl, y, i, weighted, wire32, rank_major, 0, p.row_vecs,
+                             sel, threadIdx.x & 31);
+      }
+    } else {
+      for (long long it = b; it < N * P; it += nb) {
+        const long long i = nd_citem_row(pl, W, r, it / P, rr);
+        int lo, hi;
+        if (i < 0) continue;
+        nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
+        nd_csend_token<DISCO_ND_THREADS>(p, nd, pl, y, i, weighted, wire32, rank_major, lo,
+                                         hi, sel, threadIdx.x);
+      }
     }
   }
   if (tr) nd_trace(nd, 1, c, 2);
@@ -359,12 +414,19 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   }
   ok = nd_block_all(ok);
   if (!ok) return;
-  if (ok == 1)
+  const int wpb = DISCO_ND_THREADS / 32;
+  if (ok == 1 && !(nd.tune & DISCO_ND_TUNE_BLOCK_TOKEN) &&
+      (T >= nb * wpb || (nd.tune & DISCO_ND_TUNE_FORCE_WARP))) {
+    for (int t = b * wpb + (threadIdx.x >> 5); t < T; t += nb * wpb) /* a token per warp */
+      nd_ctoken_token<32>(p, nd, pl, out, wire32, t, 0, p.row_vecs, threadIdx.x & 31);
+  } else if (ok == 1) {
     for (int P = nd_parts(nb, T, p.row_vecs), it = b; it < T * P; it += nb) {
       int lo, hi;
       nd_piece(p.row_vecs, P, it % P, &lo, &hi);
-      nd_ctoken_token(p, nd, pl, out, wire32, it / P, lo, hi);
+      nd_ctoken_token<DISCO_ND_THREADS>(p, nd, pl, out, wire32, it / P, lo, hi,
+                                        threadIdx.x);
     }
+  }
   if (tr) nd_trace(nd, 1, c, 5);
   if (nd_last_block(&nd.done[3])) {
     for (int d = 0; d < W; d++)

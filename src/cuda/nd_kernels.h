@@ -56,7 +56,15 @@ typedef struct disco_nd_params {
   unsigned long long *hfatal; /* mapped host record of the fatal error */
   unsigned long long timeout_ns;
   unsigned long long *trace; /* device [2][CALLS][SLOTS] phase times, NULL: off */
+  int tune; /* DISCO_ND_TUNE bits (A/B of kernel variants), 0: the defaults */
 } disco_nd_params_t;
+
+/* DISCO_ND_TUNE bits: each turns a default off, for measuring what it gains. */
+#define DISCO_ND_TUNE_SOURCE_ORDER 1 /* combine stores in source order (hot spots) */
+#define DISCO_ND_TUNE_BLOCK_EXPAND 2 /* expand a row per block even for many rows */
+#define DISCO_ND_TUNE_BLOCK_CSEND 4  /* combine's expert side: a row per block */
+#define DISCO_ND_TUNE_BLOCK_TOKEN 8  /* combine's token side: a token per block */
+#define DISCO_ND_TUNE_FORCE_WARP 16  /* a row per warp at any size (tests: coverage) */
 
 /* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c). */
 #define DISCO_ND_TRACE_CALLS 256

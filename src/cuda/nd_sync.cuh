@@ -143,26 +143,34 @@ __device__ __forceinline__ void nd_piece(int nv, int P, int part, int *lo, int *
   *hi = (int)((long long)nv * (part + 1) / P);
 }
 
-/* Batched 16-byte copy of vectors [lo, hi): ND_UNROLL loads in flight per
- * thread before their stores, to up to nd destinations. */
+/* Batched 16-byte copy of vectors [lo, hi) by S threads (tid 0..S-1: a
+ * block or a warp): ND_UNROLL loads in flight per thread before their
+ * stores, to up to nd destinations. */
 #define ND_UNROLL 4
-template <bool CG>
-__device__ __forceinline__ void nd_copy(uint4 *const *dst, int nd, const uint4 *src,
-                                        int lo, int hi) {
-  for (int v0 = lo + threadIdx.x; v0 < hi; v0 += ND_UNROLL * DISCO_ND_THREADS) {
+template <bool CG, int S>
+__device__ __forceinline__ void nd_copy_s(uint4 *const *dst, int nd, const uint4 *src,
+                                          int lo, int hi, int tid) {
+  for (int v0 = lo + tid; v0 < hi; v0 += ND_UNROLL * S) {
     uint4 a[ND_UNROLL];
 #pragma unroll
     for (int u = 0; u < ND_UNROLL; u++) {
-      const int v = v0 + u * DISCO_ND_THREADS;
+      const int v = v0 + u * S;
       if (v < hi) a[u] = CG ? __ldcg(src + v) : __ldg(src + v);
     }
 #pragma unroll
     for (int u = 0; u < ND_UNROLL; u++) {
-      const int v = v0 + u * DISCO_ND_THREADS;
+      const int v = v0 + u * S;
       if (v < hi)
         for (int k = 0; k < nd; k++) dst[k][v] = a[u];
     }
   }
+}
+
+/* The same by the whole block. */
+template <bool CG>
+__device__ __forceinline__ void nd_copy(uint4 *const *dst, int nd, const uint4 *src,
+                                        int lo, int hi) {
+  nd_copy_s<CG, DISCO_ND_THREADS>(dst, nd, src, lo, hi, threadIdx.x);
 }
 
 /* Phase timestamp `slot` of call `seq` (kind 0 dispatch, 1 combine), one

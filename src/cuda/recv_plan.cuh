@@ -29,6 +29,19 @@ __device__ __forceinline__ void disco_latch_status(const disco_kparams_t &p,
   }
 }
 
+/* Exclusive prefix sum of v over the lanes of a full warp; *total: the sum. */
+__device__ __forceinline__ long long disco_warp_excl(long long v, int lane,
+                                                     long long *total) {
+  long long inc = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const long long u = __shfl_up_sync(0xffffffffu, inc, o);
+    if (lane >= o) inc += u;
+  }
+  *total = __shfl_sync(0xffffffffu, inc, 31);
+  return inc - v;
+}
+
 /* One block (all threads): receive offsets and expert groups from the received messages.
  */
 static __device__ void disco_recv_plan_body(const disco_kparams_t &p,
@@ -54,30 +67,35 @@ static __device__ void disco_recv_plan_body(const disco_kparams_t &p,
     pl.exp_total[l] = acc;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    long long off = 0;
-    for (int s = 0; s < W; s++) {
-      pl.recv_off[s] = off;
-      off += recv[(long long)s * ml + DISCO_MSG_TOKENS];
+  if (threadIdx.x < 32) { /* warp 0: prefix sums 32 at a time (no serial chain) */
+    const int lane = threadIdx.x;
+    long long off = 0, e = 0, tot;
+    for (int s0 = 0; s0 < W; s0 += 32) {
+      const int s = s0 + lane;
+      const long long n = s < W ? recv[(long long)s * ml + DISCO_MSG_TOKENS] : 0;
+      const long long ex = disco_warp_excl(n, lane, &tot);
+      if (s < W) pl.recv_off[s] = off + ex;
+      off += tot;
     }
-    pl.recv_off[W] = off;
-    rows = off;
-    if (expert_major) {
-      long long e = 0;
-      for (int l = 0; l < L; l++) {
-        pl.exp_off[l] = e;
-        long long n = pl.exp_total[l];
+    if (expert_major)
+      for (int l0 = 0; l0 < L; l0 += 32) {
+        const int l = l0 + lane;
+        long long n = l < L ? pl.exp_total[l] : 0;
         if (align > 1) n = (n + align - 1) / align * align;
-        e += n;
+        const long long ex = disco_warp_excl(n, lane, &tot);
+        if (l < L) pl.exp_off[l] = e + ex;
+        e += tot;
       }
-      pl.exp_off[L] = e;
-      rows = e;
+    if (lane == 0) {
+      pl.recv_off[W] = off;
+      rows = expert_major ? e : off;
+      if (expert_major) pl.exp_off[L] = e;
+      *pl.num_rows = rows;
+      *pl.ok = ok;
+      *pl.go = ok && rows <= cap;
+      if (p.lerr != NULL) /* no host sync: latch what the host would return */
+        disco_latch_status(p, recv, ok, rows, cap, call);
     }
-    *pl.num_rows = rows;
-    *pl.ok = ok;
-    *pl.go = ok && rows <= cap;
-    if (p.lerr != NULL) /* no host sync: latch what the host would return */
-      disco_latch_status(p, recv, ok, rows, cap, call);
   }
   __syncthreads();
   const int out = ok && rows <= cap; /* nothing reaches the caller on failure */

@@ -5,7 +5,8 @@
 # (DISCO_TEST_BACKEND=nccl_device, plus racecheck and test_nd: CUDA graph
 # replays, a rank that skips a call), then the disco-bench sweep with both
 # backends side by side. Logs go to $OUT (at most 8 files).
-# usage: tests/gpu/run.sh [all|test|nd|python|bench]   (env: OUT, BUILD, JOBS)
+# usage: tests/gpu/run.sh [all|test|nd|python|bench]   (env: OUT, BUILD, JOBS,
+#        QUICK=1: no sanitizer runs in nd)
 # (nd: only the nccl_device part of `test`)
 set -u -o pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -100,16 +101,22 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
     step "nccl_device test W=$NGPU" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device \
       "$T" --world "$NGPU"
   fi
+  # A row (token) per warp at every size: the mode large batches take, on the
+  # whole table (DISCO_ND_TUNE bits, src/cuda/nd_kernels.h).
+  step "nccl_device test W=$NGPU warp rows" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device \
+    DISCO_ND_TUNE=16 "$T" --world "$NGPU"
   # Rank 0 stores what it sends to itself 3 ms late: outputs must still be
   # exact (regression test of the own-slot ordering fix; before it, rank 0
   # expanded its own tokens as soon as its peers' flags had arrived).
   step "nccl_device own-slot late W=$NGPU" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device \
     DISCO_ND_TEST_SELF_DELAY_US=3000 "$T" --world "$NGPU" --filter basic
-  step "nccl_device memcheck W=2 --small" "$OUT/memcheck.log" 150 env DISCO_TEST_BACKEND=nccl_device \
-    compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small
-  step "nccl_device racecheck W=2 --small basic" "$OUT/memcheck.log" 200 env DISCO_TEST_BACKEND=nccl_device \
-    compute-sanitizer --tool racecheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small \
-    --filter basic
+  if [ -z "${QUICK:-}" ]; then
+    step "nccl_device memcheck W=2 --small" "$OUT/memcheck.log" 150 env DISCO_TEST_BACKEND=nccl_device \
+      compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small
+    step "nccl_device racecheck W=2 --small basic" "$OUT/memcheck.log" 200 env DISCO_TEST_BACKEND=nccl_device \
+      compute-sanitizer --tool racecheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small \
+      --filter basic
+  fi
   step "test_nd (graph, timeout) W=$NGPU" "$OUT/test.log" 150 "$ND"
 fi
 
@@ -122,8 +129,11 @@ if [ "$STAGE" = all ] || [ "$STAGE" = python ]; then
   note "python binding W=2 (torchrun): rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/python.log")"
   [ $rc -ne 0 ] && fails=$((fails + 1)) && tail -30 "$OUT/python.log"
   t0=$SECONDS
-  echo "# --- nccl_device" >> "$OUT/python.log"
-  DISCO_TEST_BACKEND=nccl_device DISCO_LIBRARY="$BUILD/libdisco.so" PYTHONPATH="$ROOT/python" \
+  # PyTorch loads its bundled libnccl first; the device API needs the one disco
+  # was built against (docs/python.md), so preload that one.
+  NCCL_LIB=$(ldd "$BUILD/libdisco.so" | awk '/libnccl/ {print $3; exit}')
+  echo "# --- nccl_device (LD_PRELOAD=$NCCL_LIB)" >> "$OUT/python.log"
+  LD_PRELOAD="$NCCL_LIB" DISCO_TEST_BACKEND=nccl_device DISCO_LIBRARY="$BUILD/libdisco.so" PYTHONPATH="$ROOT/python" \
     PYTHONUNBUFFERED=1 timeout 150 torchrun --nproc_per_node 2 \
     "$ROOT/tests/gpu/test_python_gpu.py" >> "$OUT/python.log" 2>&1; rc=$?
   note "python binding nccl_device W=2 (torchrun): rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/python.log")"

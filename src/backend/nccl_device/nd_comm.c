@@ -327,6 +327,9 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   const char *delay = getenv("DISCO_ND_TEST_SELF_DELAY_US");
   if (delay != NULL && atoll(delay) > 0)
     st->nd.test_self_delay_ns = (unsigned long long)atoll(delay) * 1000ull;
+  /* Tuning aid: DISCO_ND_TUNE bits turn kernel defaults off (nd_kernels.h). */
+  const char *tune = getenv("DISCO_ND_TUNE");
+  if (tune != NULL) st->nd.tune = atoi(tune);
   p->lerr = st->drec;
   rc = disco_nd_trace_init(st, r, fn);
   if (rc != DISCO_SUCCESS) return rc;

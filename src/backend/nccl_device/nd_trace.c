@@ -68,12 +68,18 @@ void disco_nd_trace_report(disco_nd_state_t *st, int rank) {
     const unsigned long long skip = n > 8 ? 3 : 0, first = seq[k] - n + 1 + skip;
     const unsigned long long *r = ring + (size_t)k * DISCO_ND_TRACE_CALLS * DISCO_ND_TRACE_SLOTS;
     if (n == 0) continue;
-    fprintf(stderr, "disco trace rank %d %s, median us of %llu calls:", rank, kinds[k],
-            n - skip);
-    for (int i = 1; i < DISCO_ND_TRACE_SLOTS; i++)
+    /* one write per line: ranks in threads or processes do not interleave */
+    char line[512];
+    int len = snprintf(line, sizeof(line), "disco trace rank %d %s, median us of %llu calls:",
+                       rank, kinds[k], n - skip);
+    for (int i = 1; i < DISCO_ND_TRACE_SLOTS && len < (int)sizeof(line); i++)
       if (names[k][i][0] != '\0')
-        fprintf(stderr, " %s %.1f", names[k][i], nd_median(r, first, seq[k], i, i - 1, tmp));
-    fprintf(stderr, " | kernel %.1f\n", nd_median(r, first, seq[k], last[k], 0, tmp));
+        len += snprintf(line + len, sizeof(line) - (size_t)len, " %s %.1f", names[k][i],
+                        nd_median(r, first, seq[k], i, i - 1, tmp));
+    if (len < (int)sizeof(line))
+      snprintf(line + len, sizeof(line) - (size_t)len, " | kernel %.1f\n",
+               nd_median(r, first, seq[k], last[k], 0, tmp));
+    fputs(line, stderr);
   }
   free(ring);
 }

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# A/B of nccl_device kernel variants on one machine: disco-bench at the
+# issue-6 shapes once per DISCO_ND_TUNE value, with DISCO_ND_TRACE=1 phase
+# timings (rank 0..W-1 lines), all into one file.
+# usage: tests/gpu/tune.sh OUTFILE [TUNE...]   (env: BUILD, SHAPES="-t ... -k ...")
+set -u -o pipefail
+OUTF=$1
+shift
+BUILD=${BUILD:-/tmp/disco-build-gpu}
+B="$BUILD/tools/disco-bench/disco-bench"
+export NCCL_NVLS_ENABLE=0
+: > "$OUTF"
+for tune in "${@:-0}"; do
+  for shape in "${SHAPES:--t 32,128,1024,4096 -H 7168 -k 1,8 -e 256}" "-t 4096 -H 4096 -k 2 -e 8"; do
+    echo "### DISCO_ND_TUNE=$tune $shape" >> "$OUTF"
+    # shellcheck disable=SC2086
+    DISCO_ND_TUNE=$tune DISCO_ND_TRACE=1 timeout 120 "$B" --backend nccl_device $shape \
+      -d bf16 -l expert -r uniform -c dtype -n 30 -W 5 --no-check >> "$OUTF" 2>&1 ||
+      echo "### rc=$?" >> "$OUTF"
+  done
+done
+# the table rows of every variant, then each case's traces (slowest phases)
+grep -E '^###|^ +[0-9]' "$OUTF"
