@@ -28,7 +28,8 @@ enum {
   DISCO_ND_CFLAG = 2, /* combine partials from q are complete */
   DISCO_ND_CACK = 3,  /* q has read our partials */
   DISCO_ND_DEAD = 4,  /* q gave up (timed out): nobody waits for it any more */
-  DISCO_ND_KINDS = 5
+  DISCO_ND_DCNT = 5,  /* dispatch counts from q are here (before its rows) */
+  DISCO_ND_KINDS = 6
 };
 /* Phases named by a TIMEOUT record (DISCO_LATCH_A). */
 enum {
@@ -36,7 +37,8 @@ enum {
   DISCO_ND_PHASE_DFLAG = 2,
   DISCO_ND_PHASE_CACK = 3,
   DISCO_ND_PHASE_CFLAG = 4,
-  DISCO_ND_PHASE_DEAD = 5 /* the peer itself timed out earlier */
+  DISCO_ND_PHASE_DEAD = 5, /* the peer itself timed out earlier */
+  DISCO_ND_PHASE_DCNT = 6
 };
 
 typedef struct disco_nd_params {
@@ -46,6 +48,7 @@ typedef struct disco_nd_params {
   int part_vecs;            /* 16-byte vectors of one combine partial row */
   unsigned long long *seq;  /* device [2]: last finished dispatch, combine */
   unsigned *done;           /* device [4]: blocks done per phase, 0 between calls */
+  unsigned *step;           /* device [W]: sender blocks done per destination step */
   unsigned long long *plan; /* device: dispatch seq whose receive plan is made */
   unsigned long long *sent; /* device [2]: last dispatch / combine whose local
                                stores (all blocks) are done */
@@ -55,8 +58,10 @@ typedef struct disco_nd_params {
   unsigned long long *fatal;  /* device word, != 0 after a timeout: exit */
   unsigned long long *hfatal; /* mapped host record of the fatal error */
   unsigned long long timeout_ns;
-  unsigned long long *trace; /* device [2][CALLS][SLOTS] phase times, NULL: off */
-  int tune; /* DISCO_ND_TUNE bits (A/B of kernel variants), 0: the defaults */
+  unsigned long long *trace; /* device [KINDS][CALLS][SLOTS] phase times, NULL: off */
+  int tune;       /* DISCO_ND_TUNE bits (A/B of kernel variants), 0: the defaults */
+  int pipe_min;   /* tokens from which dispatch pipelines (nd_pipe.cu) */
+  int expand_pct; /* share of the pipelined dispatch's blocks that expand */
 } disco_nd_params_t;
 
 /* DISCO_ND_TUNE bits: each turns a default off, for measuring what it gains. */
@@ -65,10 +70,19 @@ typedef struct disco_nd_params {
 #define DISCO_ND_TUNE_BLOCK_CSEND 4  /* combine's expert side: a row per block */
 #define DISCO_ND_TUNE_BLOCK_TOKEN 8  /* combine's token side: a token per block */
 #define DISCO_ND_TUNE_FORCE_WARP 16  /* a row per warp at any size (tests: coverage) */
+#define DISCO_ND_TUNE_NO_PIPE 32     /* no pipelined dispatch at any size */
 
-/* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c). */
+/* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c);
+ * kinds: dispatch, combine, pipelined dispatch. */
+#define DISCO_ND_TRACE_KINDS 3
 #define DISCO_ND_TRACE_CALLS 256
 #define DISCO_ND_TRACE_SLOTS 8
+
+/* Pipelined dispatch (nd_pipe.cu), for many tokens: blocks [0, nx) expand
+ * each source's rows as its flag lands (own first), blocks [nx, nb) send in
+ * destination order (own slot, then r + 1, r + 2, ...), one flag per
+ * destination when its rows are out. Same arguments as the plain kernel. */
+const void *disco_nd_pipe_kernel(void);
 
 /* Window bytes per rank and the offsets, a pure function of the sizes. */
 unsigned long long disco_nd_window_layout(const disco_kparams_t *p, int part_vecs,

@@ -41,8 +41,8 @@ __device__ __forceinline__ u64 *nd_flag(const disco_nd_params_t &nd, char *base,
 /* Latches the fatal TIMEOUT (first one wins) and tells every peer that this
  * rank gave up, so that a peer arriving late fails fast instead of waiting
  * for flags that will never come. */
-__device__ void nd_give_up(const disco_kparams_t &p, const disco_nd_params_t &nd,
-                           int peer, int phase, u64 call, u64 want) {
+static __device__ void nd_give_up(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                                  int peer, int phase, u64 call, u64 want) {
   if (atomicCAS(nd.fatal, 0ull, 1ull) != 0ull) return;
   disco_latch(nd.hfatal, DISCO_ERR_TIMEOUT, peer, (long long)call, phase,
               (long long)(nd.timeout_ns / 1000000ull), (long long)want, p.rank);
@@ -52,8 +52,8 @@ __device__ void nd_give_up(const disco_kparams_t &p, const disco_nd_params_t &nd
 }
 
 /* A peer that gave up: latch it (as this rank's fatal error) and return 1. */
-__device__ int nd_peer_dead(const disco_kparams_t &p, const disco_nd_params_t &nd, int q,
-                            u64 call) {
+static __device__ int nd_peer_dead(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                                   int q, u64 call) {
   if (nd_ld_acquire(nd_flag(nd, nd.local, p.world, DISCO_ND_DEAD, q)) == 0ull) return 0;
   nd_give_up(p, nd, q, DISCO_ND_PHASE_DEAD, call, 0);
   return 1;
@@ -62,9 +62,9 @@ __device__ int nd_peer_dead(const disco_kparams_t &p, const disco_nd_params_t &n
 /* Waits until flag's sequence (bits 8..) reaches want. Returns 1 with the
  * flag's value in *val, or 0 after latching TIMEOUT (or seeing the comm
  * dead). One thread. */
-__device__ int nd_wait(const disco_kparams_t &p, const disco_nd_params_t &nd,
-                       const u64 *flag, u64 want, int peer, int phase, u64 call,
-                       u64 *val) {
+static __device__ int nd_wait(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                              const u64 *flag, u64 want, int peer, int phase, u64 call,
+                              u64 *val) {
   const u64 deadline = nd_now() + nd.timeout_ns;
   for (unsigned it = 0;; it++) {
     const u64 v = nd_ld_acquire(flag);
@@ -84,8 +84,9 @@ __device__ int nd_wait(const disco_kparams_t &p, const disco_nd_params_t &nd,
 
 /* Thread 0 waits for `kind` flags of every peer; 1 when all arrived. *bad:
  * lowest peer whose flag carries a failure status (-1 none), its code. */
-__device__ int nd_wait_all(const disco_kparams_t &p, const disco_nd_params_t &nd,
-                           int kind, u64 want, int phase, u64 call, int *bad, int *code) {
+static __device__ int nd_wait_all(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                                  int kind, u64 want, int phase, u64 call, int *bad,
+                                  int *code) {
   *bad = -1;
   *code = 0;
   for (int q = 0; q < p.world; q++) /* fail fast if a peer already gave up */
@@ -104,23 +105,28 @@ __device__ int nd_wait_all(const disco_kparams_t &p, const disco_nd_params_t &nd
   return 1;
 }
 
-/* Last block of the grid to get here (after its stores): returns 1 in
- * thread 0 of that block, which may then publish. Resets the counter. */
-__device__ __forceinline__ int nd_last_block(unsigned *done) {
+/* Last of n blocks to get here (after their stores): returns 1 in thread 0
+ * of that block, which may then publish. Resets the counter. */
+__device__ __forceinline__ int nd_last_of(unsigned *done, unsigned n) {
   __syncthreads();
   if (threadIdx.x != 0) return 0;
   __threadfence_system();
-  const unsigned nb = gridDim.x * gridDim.y;
-  if (atomicAdd(done, 1u) != nb - 1u) return 0;
+  if (atomicAdd(done, 1u) != n - 1u) return 0;
   __threadfence_system();
   *done = 0u;
   return 1;
 }
 
+/* Last block of the grid. */
+__device__ __forceinline__ int nd_last_block(unsigned *done) {
+  return nd_last_of(done, gridDim.x * gridDim.y);
+}
+
 /* Waits (one thread) for a device-local word written by another block of the
  * same (co-resident) grid to reach want; 0 if the comm died meanwhile (that
  * block timed out). */
-__device__ int nd_wait_block0(const disco_nd_params_t &nd, const u64 *word, u64 want) {
+static __device__ int nd_wait_block0(const disco_nd_params_t &nd, const u64 *word,
+                                     u64 want) {
   for (unsigned it = 0;; it++) {
     u64 v;
     asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(word) : "memory");
@@ -173,7 +179,7 @@ __device__ __forceinline__ void nd_copy(uint4 *const *dst, int nd, const uint4 *
   nd_copy_s<CG, DISCO_ND_THREADS>(dst, nd, src, lo, hi, threadIdx.x);
 }
 
-/* Phase timestamp `slot` of call `seq` (kind 0 dispatch, 1 combine), one
+/* Phase timestamp `slot` of call `seq` (kind 0 dispatch, 1 combine, 2 pipelined), one
  * thread; nothing when tracing is off. */
 __device__ __forceinline__ void nd_trace(const disco_nd_params_t &nd, int kind, u64 seq,
                                          int slot) {
@@ -203,7 +209,7 @@ __device__ __forceinline__ int nd_skip(int sel, int self) {
 }
 
 /* All threads of the block idle for ns nanoseconds (test hook). */
-__device__ void nd_sleep(u64 ns) {
+static __device__ void nd_sleep(u64 ns) {
   const u64 t0 = nd_now();
   while (nd_now() - t0 < ns) __nanosleep(1000);
 }

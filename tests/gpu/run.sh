@@ -105,6 +105,17 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
   # whole table (DISCO_ND_TUNE bits, src/cuda/nd_kernels.h).
   step "nccl_device test W=$NGPU warp rows" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device \
     DISCO_ND_TUNE=16 "$T" --world "$NGPU"
+  # The pipelined dispatch (many tokens by default) at every size, and mixed
+  # with the plain one (ranks with fewer tokens than the threshold).
+  step "nccl_device test W=$NGPU pipelined" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device \
+    DISCO_ND_PIPE_MIN_TOKENS=1 "$T" --world "$NGPU"
+  step "nccl_device test W=$NGPU pipelined from 40 tokens" "$OUT/test.log" 90 env \
+    DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=40 "$T" --world "$NGPU"
+  step "nccl_device own-slot late W=$NGPU pipelined" "$OUT/test.log" 90 env \
+    DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=1 DISCO_ND_TEST_SELF_DELAY_US=3000 \
+    "$T" --world "$NGPU" --filter basic
+  step "test_nd (graph, timeout) W=$NGPU pipelined" "$OUT/test.log" 150 env \
+    DISCO_ND_PIPE_MIN_TOKENS=1 "$ND"
   # Rank 0 stores what it sends to itself 3 ms late: outputs must still be
   # exact (regression test of the own-slot ordering fix; before it, rank 0
   # expanded its own tokens as soon as its peers' flags had arrived).
@@ -113,6 +124,9 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
   if [ -z "${QUICK:-}" ]; then
     step "nccl_device memcheck W=2 --small" "$OUT/memcheck.log" 150 env DISCO_TEST_BACKEND=nccl_device \
       compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small
+    step "nccl_device memcheck W=2 --small pipelined" "$OUT/memcheck.log" 150 env \
+      DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=1 compute-sanitizer --tool memcheck \
+      --report-api-errors no --error-exitcode 3 "$T" --world 2 --small
     step "nccl_device racecheck W=2 --small basic" "$OUT/memcheck.log" 200 env DISCO_TEST_BACKEND=nccl_device \
       compute-sanitizer --tool racecheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small \
       --filter basic

@@ -8,8 +8,10 @@
  */
 #include "bench.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "core/dtype.h"
 
@@ -61,21 +63,39 @@ static void *xcalloc(rank_ctx_t *c, size_t n, size_t sz) {
 /* Runs warm-up + timed iterations of fn and returns the median in us. */
 typedef disco_result_t (*op_fn)(rank_ctx_t *c, void *arg);
 
+static double wall_us(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec / 1e3;
+}
+
+/* DISCO_BENCH_HOST_US=1: rank 0 also prints the median host time spent
+ * inside the call (the part of the timed span the GPU may sit idle for,
+ * since each iteration starts from an idle stream). */
 static double timed_loop(rank_ctx_t *c, const char *what, op_fn fn, void *arg) {
   const options_t *opt = c->opt;
   double *us = xcalloc(c, (size_t)opt->iters, sizeof(double));
+  double *host = xcalloc(c, (size_t)opt->iters, sizeof(double));
+  const char *env = getenv("DISCO_BENCH_HOST_US");
   double med;
   for (int i = -opt->warmup; i < opt->iters; i++) {
     c->d->sync(c);
     c->g->barrier(c);
     if (i >= 0) c->d->timer_begin(c, i);
+    const double h0 = wall_us();
     disco_result_t rc = fn(c, arg);
+    if (i >= 0) host[i] = wall_us() - h0;
     if (i >= 0) c->d->timer_end(c, i);
     if (rc != DISCO_SUCCESS) fail_disco(c, what, rc, NULL);
   }
   c->d->sync(c);
   c->d->timer_read(c, opt->iters, us);
   med = median(us, opt->iters);
+  if (env != NULL && atoi(env) > 0 && c->rank == 0)
+    fprintf(stderr,
+            "# rank 0 %s: host time in the call %.1f us (median), timed %.1f us\n", what,
+            median(host, opt->iters), med);
+  free(host);
   free(us);
   return med;
 }

@@ -12,8 +12,21 @@
 #include "disco_nccl.h"
 
 #define ND_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
-/* Small device block: seq[2], fatal, plan (u64), done[4] (u32), then peer[W]. */
+/* Small device block: seq[2], fatal, plan (u64), done[4] (u32), sent[2] (u64),
+ * then peer[W] and step[W] (u32). */
 #define ND_SMALL_PEER_OFF 64u
+
+/* Pipelined dispatch from this many tokens on, with this share of the
+ * blocks expanding (docs/nccl_device.md; env overrides for tuning). */
+#define ND_PIPE_MIN_TOKENS 1024
+#define ND_EXPAND_PCT 33
+
+/* An integer from the environment, or def when unset or below lo. */
+static int nd_env_int(const char *name, int def, int lo) {
+  const char *v = getenv(name);
+  const int n = v != NULL ? atoi(v) : def;
+  return n < lo ? def : n;
+}
 
 static double nd_now_ms(void) {
   struct timespec ts;
@@ -31,6 +44,8 @@ static const char *nd_phase(long long phase) {
       return "its ack of the previous combine";
     case DISCO_ND_PHASE_CFLAG:
       return "its combine partials";
+    case DISCO_ND_PHASE_DCNT:
+      return "its dispatch counts";
     default:
       return "its flag";
   }
@@ -293,7 +308,8 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
     rc = disco_nccl_cuda(cudaMemset(p->err_key, 0xff, 8u), fn, "cudaMemset", r);
   if (rc != DISCO_SUCCESS) return rc;
   p->blk_done = (unsigned *)(p->err_key + 1);
-  const size_t small = ND_SMALL_PEER_OFF + (size_t)W * sizeof(char *);
+  const size_t small =
+      ND_SMALL_PEER_OFF + (size_t)W * (sizeof(char *) + sizeof(unsigned));
   rc = disco_nccl_cuda(cudaMalloc(&st->small, small), fn, "cudaMalloc", r);
   if (rc == DISCO_SUCCESS)
     rc = disco_nccl_cuda(cudaMemset(st->small, 0, small), fn, "cudaMemset", r);
@@ -320,6 +336,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.done = (unsigned *)(sm + 32);
   st->nd.sent = (unsigned long long *)(sm + 48);
   st->nd.peer = (char *const *)(sm + ND_SMALL_PEER_OFF);
+  st->nd.step = (unsigned *)(sm + ND_SMALL_PEER_OFF + (size_t)W * sizeof(char *));
   st->nd.hfatal = st->drec + DISCO_LATCH_WORDS;
   st->nd.timeout_ns = (unsigned long long)comm->timeout_ms * 1000000ull;
   /* Test hook: rank 0's kernels store what they send to themselves this many
@@ -330,6 +347,9 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   /* Tuning aid: DISCO_ND_TUNE bits turn kernel defaults off (nd_kernels.h). */
   const char *tune = getenv("DISCO_ND_TUNE");
   if (tune != NULL) st->nd.tune = atoi(tune);
+  st->nd.pipe_min = nd_env_int("DISCO_ND_PIPE_MIN_TOKENS", ND_PIPE_MIN_TOKENS, 1);
+  st->nd.expand_pct = nd_env_int("DISCO_ND_EXPAND_PCT", ND_EXPAND_PCT, 1);
+  if (st->nd.expand_pct > 99) st->nd.expand_pct = 99;
   p->lerr = st->drec;
   rc = disco_nd_trace_init(st, r, fn);
   if (rc != DISCO_SUCCESS) return rc;

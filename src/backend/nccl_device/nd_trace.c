@@ -10,7 +10,8 @@
 #include "backend/nccl/nccl_backend.h"
 #include "backend/nccl_device/nd_backend.h"
 
-#define ND_TRACE_WORDS (2u * DISCO_ND_TRACE_CALLS * DISCO_ND_TRACE_SLOTS)
+#define ND_TRACE_WORDS \
+  ((size_t)DISCO_ND_TRACE_KINDS * DISCO_ND_TRACE_CALLS * DISCO_ND_TRACE_SLOTS)
 
 disco_result_t disco_nd_trace_init(disco_nd_state_t *st, int rank, const char *fn) {
   const char *env = getenv("DISCO_ND_TRACE");
@@ -40,7 +41,8 @@ static double nd_median(const unsigned long long *ring, unsigned long long first
                         unsigned long long last, int i, int j, unsigned long long *tmp) {
   int n = 0;
   for (unsigned long long c = first; c <= last; c++) {
-    const unsigned long long *e = ring + (c % DISCO_ND_TRACE_CALLS) * DISCO_ND_TRACE_SLOTS;
+    const unsigned long long *e =
+        ring + (c % DISCO_ND_TRACE_CALLS) * DISCO_ND_TRACE_SLOTS;
     if (e[i] != 0ull && e[j] != 0ull && e[i] >= e[j]) tmp[n++] = e[i] - e[j];
   }
   if (n == 0) return -1.0;
@@ -49,36 +51,48 @@ static double nd_median(const unsigned long long *ring, unsigned long long first
 }
 
 void disco_nd_trace_report(disco_nd_state_t *st, int rank) {
-  static const char *const names[2][DISCO_ND_TRACE_SLOTS] = {
+  /* phase i = slot i - slot i-1 ("+": after block 0, until the last block);
+   * a name starting with '@' is slot i - slot 0 instead */
+  static const char *const names[DISCO_ND_TRACE_KINDS][DISCO_ND_TRACE_SLOTS] = {
       {"", "ack-wait", "send", "+last-send", "+flags", "plan", "expand", "+last-expand"},
-      {"", "ack-wait", "send", "+last-send", "+flags", "token", "+last-token", ""}};
-  static const int last[2] = {7, 6};
-  static const char *const kinds[2] = {"dispatch", "combine"};
-  unsigned long long *ring = malloc(ND_TRACE_WORDS * 8u), seq[2], tmp[DISCO_ND_TRACE_CALLS];
-  if (ring == NULL || cudaMemcpy(seq, st->nd.seq, sizeof(seq), cudaMemcpyDeviceToHost) !=
-                          cudaSuccess ||
+      {"", "ack-wait", "send", "+last-send", "+flags", "token", "+last-token", ""},
+      {"", "ack-wait", "counts+plan", "own-expand", "expand-until-last-flag",
+       "last-source-expand", "+last-expand", "@senders-done"}};
+  static const int last[DISCO_ND_TRACE_KINDS] = {7, 6, 6};
+  static const char *const kinds[DISCO_ND_TRACE_KINDS] = {"dispatch", "combine",
+                                                          "dispatch(pipelined)"};
+  unsigned long long *ring = malloc(ND_TRACE_WORDS * 8u), seq[2],
+                     tmp[DISCO_ND_TRACE_CALLS];
+  if (ring == NULL ||
+      cudaMemcpy(seq, st->nd.seq, sizeof(seq), cudaMemcpyDeviceToHost) != cudaSuccess ||
       cudaMemcpy(ring, st->nd.trace, ND_TRACE_WORDS * 8u, cudaMemcpyDeviceToHost) !=
           cudaSuccess) {
     free(ring);
     return;
   }
-  for (int k = 0; k < 2; k++) {
-    const unsigned long long n = seq[k] < DISCO_ND_TRACE_CALLS ? seq[k] : DISCO_ND_TRACE_CALLS;
+  for (int k = 0; k < DISCO_ND_TRACE_KINDS; k++) {
+    const unsigned long long sq = seq[k == 1]; /* both dispatch kinds count seq[0] */
+    const unsigned long long n = sq < DISCO_ND_TRACE_CALLS ? sq : DISCO_ND_TRACE_CALLS;
     /* the first few calls warm up: skipped when there are enough */
-    const unsigned long long skip = n > 8 ? 3 : 0, first = seq[k] - n + 1 + skip;
-    const unsigned long long *r = ring + (size_t)k * DISCO_ND_TRACE_CALLS * DISCO_ND_TRACE_SLOTS;
+    const unsigned long long skip = n > 8 ? 3 : 0, first = sq - n + 1 + skip;
+    const unsigned long long *r =
+        ring + (size_t)k * DISCO_ND_TRACE_CALLS * DISCO_ND_TRACE_SLOTS;
+    if (n == 0 || nd_median(r, first, sq, last[k], 0, tmp) < 0.0)
+      continue; /* not this kind */
     if (n == 0) continue;
     /* one write per line: ranks in threads or processes do not interleave */
     char line[512];
-    int len = snprintf(line, sizeof(line), "disco trace rank %d %s, median us of %llu calls:",
-                       rank, kinds[k], n - skip);
+    int len = snprintf(line, sizeof(line),
+                       "disco trace rank %d %s, median us of %llu calls:", rank, kinds[k],
+                       n - skip);
     for (int i = 1; i < DISCO_ND_TRACE_SLOTS && len < (int)sizeof(line); i++)
       if (names[k][i][0] != '\0')
-        len += snprintf(line + len, sizeof(line) - (size_t)len, " %s %.1f", names[k][i],
-                        nd_median(r, first, seq[k], i, i - 1, tmp));
+        len +=
+            snprintf(line + len, sizeof(line) - (size_t)len, " %s %.1f", names[k][i],
+                     nd_median(r, first, sq, i, names[k][i][0] == '@' ? 0 : i - 1, tmp));
     if (len < (int)sizeof(line))
       snprintf(line + len, sizeof(line) - (size_t)len, " | kernel %.1f\n",
-               nd_median(r, first, seq[k], last[k], 0, tmp));
+               nd_median(r, first, sq, last[k], 0, tmp));
     fputs(line, stderr);
   }
   free(ring);

@@ -1,0 +1,157 @@
+/* nccl_device: the pipelined dispatch for many tokens (nd_kernels.h).
+ *
+ * The plain kernel sends everything, then expands everything: at 4096 tokens
+ * K 8 on 4x H200 that is ~470 us of NVLink stores followed by ~240 us of HBM
+ * copies (DISCO_ND_TRACE). Here the grid splits: sender blocks go through
+ * the destinations one at a time (own slot, r + 1, r + 2, ...: at any moment
+ * the ranks send to distinct receivers) and publish one DFLAG per
+ * destination when its rows are out (one system fence per block and step,
+ * not per row); expander blocks make the plan as soon as the counts are in
+ * (DCNT), expand this rank's own tokens, then each source as its flag lands
+ * (r - 1 first: the rank that sends to us first). Only the last source's
+ * expand is left after the sends. Flags, acks and waits are the plain
+ * kernel's (design-nccl-device.md §5). */
+#include "cuda/latch.cuh"
+#include "cuda/nd_kernels.h"
+#include "cuda/nd_rows.cuh"
+#include "cuda/recv_plan.cuh"
+
+/* Token t's row (unless it is our own token in EXPERT_MAJOR: the expand reads
+ * x) and metadata for its k-th destination d (block-wide). */
+static __device__ void nd_send_one(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                                   const disco_dev_plan_t &pl, const uint4 *x,
+                                   const float *w, int t, int k, int d, int rank_major) {
+  const int r = p.rank, nc = p.num_cols, C = 32 * p.layout_warps, nv = p.row_vecs;
+  const long long M = p.max_tokens;
+  const int *bb = pl.blk_base + (long long)(t / C) * nc;
+  const int row = bb[p.num_experts + d] + pl.tok_dpos[(long long)t * p.kd + k];
+  if (threadIdx.x < 32) {
+    int *meta =
+        (int *)(nd.peer[d] + nd.off_meta) + ((long long)r * M + row) * p.meta_ints;
+    disco_meta_row(p, pl, bb, w, t, d, threadIdx.x, meta);
+    if (threadIdx.x == 0) pl.tok_row[(long long)t * p.kd + k] = row;
+  }
+  if (d == r && !rank_major) return;
+  uint4 *dst = (uint4 *)(nd.peer[d] + nd.off_rows) + ((long long)r * M + row) * nv;
+  nd_copy<false>(&dst, 1, x + (long long)t * nv, 0, nv);
+}
+
+__global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
+    nd_dispatch_pipe_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
+                            const uint4 *x, const float *w, int T, int layout, int align,
+                            int rows_on, int status_in, int call_kind, uint4 *recv_x,
+                            int *src_rank, int *src_token, int *expert, float *weight,
+                            int32_t *n_to, int32_t *n_from, int32_t *tpe,
+                            int64_t *num_rows_out, long long cap) {
+  if (nd_dead(nd)) return;
+  const int W = p.world, r = p.rank, ml = p.msg_len, b = blockIdx.x, nb = gridDim.x;
+  const int rank_major = layout == DISCO_LAYOUT_RANK_MAJOR;
+  int nx = (int)((long long)nb * nd.expand_pct / 100); /* expander blocks */
+  nx = nx < 1 ? 1 : nx > nb - 1 ? nb - 1 : nx;         /* the launcher ensures nb >= 2 */
+  const int ns = nb - nx;
+  const u64 s = nd.seq[0] + 1ull;
+  const u64 call = (u64)call_kind << 32 | (s & 0xffffffffull);
+  const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
+  const int tr = b == 0 && threadIdx.x == 0;
+  int ok = 1, bad, code;
+  (void)rows_on; /* always 1 here: the layout-only call takes the plain kernel */
+  if (tr) nd_trace(nd, 2, s, 0);
+  if (threadIdx.x == 0)
+    ok = nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad,
+                     &code);
+  if (tr) nd_trace(nd, 2, s, 1);
+  if (!nd_block_all(ok)) return;
+
+  if (b >= nx) { /* ---- senders: one destination at a time ---- */
+    const int sb = b - nx;
+    /* Test hook: rank 0 sends to itself last, late (see the plain kernel). */
+    const int late = nd.test_self_delay_ns != 0ull && r == 0;
+    for (int kk = 0; kk < W; kk++) {
+      const int step = late ? (kk + 1) % W : kk, d = (r + step) % W;
+      if (late && step == 0) nd_sleep(nd.test_self_delay_ns);
+      for (int t = sb; st == 0 && t < T; t += ns) {
+        const int *dest = pl.tok_dest + (long long)t * p.kd;
+        int k = -1;
+        for (int q = 0; q < p.kd; q++) { /* ascending, -1 terminated */
+          const int dq = dest[q];
+          if (dq < 0 || dq > d) break;
+          if (dq == d) k = q;
+        }
+        if (k >= 0) nd_send_one(p, nd, pl, x, w, t, k, d, rank_major);
+      }
+      if (nd_last_of(&nd.step[step], (unsigned)ns)) {
+        if (d == r)
+          nd_st_release_gpu(&nd.sent[0], s); /* own slot: read by this grid only */
+        else
+          nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_DFLAG, r),
+                        s << 8 | (u64)(st & 255));
+        if (kk == W - 1) nd_trace(nd, 2, s, 7);
+      }
+    }
+    return;
+  }
+
+  /* ---- expanders: the plan as soon as the counts are in ---- */
+  if (b == 0) {
+    nd_send_counts(p, nd, pl, status_in, st, s);
+    if (threadIdx.x == 0)
+      ok = nd_wait_all(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad, &code);
+    if (!nd_block_all(ok)) return;
+    const int n = W * ml;
+    const long long *cnt = (const long long *)(nd.local + nd.off_cnt);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) pl.msg[n + i] = __ldcg(cnt + i);
+    __syncthreads();
+    disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap,
+                         (long long)call);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      nd_st_release_gpu(nd.plan, s);
+      nd_trace(nd, 2, s, 2);
+    }
+  } else {
+    if (threadIdx.x == 0) ok = nd_wait_block0(nd, nd.plan, s);
+    if (!nd_block_all(ok)) return;
+  }
+  const int go = *(volatile int32_t *)pl.go;
+  for (int k = 0; k < W; k++) { /* own rows first, then r - 1, r - 2, ... */
+    const int q = (r - k + W) % W;
+    if (tr && k == 1) nd_trace(nd, 2, s, 3); /* own rows expanded */
+    if (threadIdx.x == 0) {
+      u64 v;
+      ok = k == 0 ? nd_wait_block0(nd, &nd.sent[0], s)
+                  : nd_wait(p, nd, nd_flag(nd, nd.local, W, DISCO_ND_DFLAG, q), s, q,
+                            DISCO_ND_PHASE_DFLAG, call, &v);
+    }
+    if (!nd_block_all(ok)) return;
+    if (tr && k == W - 1) nd_trace(nd, 2, s, 4); /* the last source's flag is in */
+    if (!go) continue;
+    const long long first = pl.recv_off[q], n = pl.recv_off[q + 1] - first;
+    const int P = nd_parts(nx, n, p.row_vecs);
+    for (long long it = b; it < n * P; it += nx) {
+      int lo, hi;
+      nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
+      if (rank_major)
+        nd_expand_rank<DISCO_ND_THREADS>(p, nd, pl, first + it / P, recv_x, src_rank,
+                                         src_token, expert, weight, lo, hi, it % P == 0,
+                                         threadIdx.x);
+      else
+        nd_expand_expert<DISCO_ND_THREADS>(p, nd, pl, x, first + it / P, recv_x, src_rank,
+                                           src_token, expert, weight, lo, hi, it % P == 0,
+                                           threadIdx.x);
+    }
+  }
+  if (go && !rank_major && align > 1)
+    nd_pad_rows(p, pl, b, nx, recv_x, src_rank, src_token, expert, weight);
+  if (tr) nd_trace(nd, 2, s, 5);
+  if (nd_last_of(&nd.done[2], (unsigned)nx)) {
+    for (int q = 0; q < W; q++)
+      if (q != r) nd_st_release(nd_flag(nd, nd.peer[q], W, DISCO_ND_DACK, r), s << 8);
+    nd.seq[0] = s;
+    nd_trace(nd, 2, s, 6);
+  }
+}
+
+extern "C" const void *disco_nd_pipe_kernel(void) {
+  return (const void *)nd_dispatch_pipe_kernel;
+}

@@ -1,0 +1,218 @@
+/* Internal: per-row work of the nccl_device kernels (a block, or a warp
+ * when S = 32): a token's rows and metadata into its destinations' slots,
+ * the expand of a received row, and the combine's two folds. Included by
+ * nd_kernels.cu and nd_pipe.cu. */
+#ifndef DISCO_CUDA_ND_ROWS_CUH_
+#define DISCO_CUDA_ND_ROWS_CUH_
+
+#include "cuda/meta.cuh"
+#include "cuda/nd_sync.cuh"
+#include "cuda/rowmath.cuh"
+
+/* ---- dispatch ------------------------------------------------------------------ */
+
+/* Block 0: the count messages into every rank's slot r (self included), then
+ * a DCNT flag per peer, so that a pipelined receiver can make its plan
+ * before the rows are in (a plain receiver reads them after DFLAG). */
+static __device__ void nd_send_counts(const disco_kparams_t &p,
+                                      const disco_nd_params_t &nd,
+                                      const disco_dev_plan_t &pl, int status_in, int st,
+                                      u64 s) {
+  const int W = p.world, r = p.rank, ml = p.msg_len;
+  for (int i = threadIdx.x; i < W * ml; i += blockDim.x) {
+    const int d = i / ml, f = i % ml;
+    long long v;
+    if (status_in == 0)
+      v = pl.msg[i];
+    else
+      v = f == DISCO_MSG_CODE ? status_in : f < DISCO_MSG_TOKENS ? -1 : 0;
+    ((long long *)(nd.peer[d] + nd.off_cnt))[(long long)r * ml + f] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    for (int d = 0; d < W; d++)
+      if (d != r)
+        nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_DCNT, r),
+                      s << 8 | (u64)(st & 255));
+  }
+}
+
+/* Rows and metadata of token t to every destination's slot (block-wide). */
+static __device__ void nd_send_token(const disco_kparams_t &p,
+                                     const disco_nd_params_t &nd,
+                                     const disco_dev_plan_t &pl, const uint4 *x,
+                                     const float *w, int t, int rank_major, int lo,
+                                     int hi, int first, int sel) {
+  const int r = p.rank, E = p.num_experts;
+  const int nc = p.num_cols, C = 32 * p.layout_warps, nv = p.row_vecs, mi = p.meta_ints;
+  const int lane = threadIdx.x & 31;
+  const long long M = p.max_tokens;
+  const int *bb = pl.blk_base + (long long)(t / C) * nc;
+  const int *dest = pl.tok_dest + (long long)t * p.kd;
+  const int *dpos = pl.tok_dpos + (long long)t * p.kd;
+  if (first && threadIdx.x < 32) {
+    /* Metadata: [src_token, n_local, then (j | l << 8, pos, weight) per local
+     * slot in slot order], as the nccl backend's pack. */
+    for (int k = 0; k < p.kd; k++) {
+      const int d = dest[k];
+      if (d < 0) break;
+      if (nd_skip(sel, d == r)) continue;
+      const int row = bb[E + d] + dpos[k];
+      int *meta = (int *)(nd.peer[d] + nd.off_meta) + ((long long)r * M + row) * mi;
+      disco_meta_row(p, pl, bb, w, t, d, lane, meta);
+      if (lane == 0) pl.tok_row[(long long)t * p.kd + k] = row;
+    }
+  }
+  /* Up to 8 destinations per pass (min(K, W) > 8 re-reads the row). */
+  for (int k0 = 0; k0 < p.kd; k0 += 8) {
+    uint4 *dst[8];
+    int n = 0;
+    for (int k = k0; k < p.kd && k < k0 + 8; k++) {
+      const int d = dest[k];
+      if (d < 0) break;
+      if ((d == r && !rank_major) || nd_skip(sel, d == r)) continue; /* expand reads x */
+      dst[n++] = (uint4 *)(nd.peer[d] + nd.off_rows) +
+                 ((long long)r * M + bb[E + d] + dpos[k]) * nv;
+    }
+    if (n > 0) nd_copy<false>(dst, n, x + (long long)t * nv, lo, hi);
+  }
+}
+
+/* Received token i (EXPERT_MAJOR) into its expert rows, with metadata and
+ * combine's per-row lists, by S threads (tid: a block, or a warp's lane). */
+template <int S>
+__device__ void nd_expand_expert(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                                 const disco_dev_plan_t &pl, const uint4 *x, long long i,
+                                 uint4 *recv_x, int *src_rank, int *src_token,
+                                 int *expert, float *weight, int lo, int hi, int first,
+                                 int tid) {
+  const int lane = tid & 31, L = p.num_local, nv = p.row_vecs;
+  const int s = disco_source(pl, p.world, i);
+  const long long slot = (long long)s * p.max_tokens + (i - pl.recv_off[s]);
+  const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
+  const int t = __ldcg(meta), n = __ldcg(meta + 1);
+  const int64_t *sb = pl.srcbase + (long long)s * L;
+  if (first && tid < 32)
+    disco_expand_meta<true>(p, pl, meta, s, i, sb, lane, src_rank, src_token, expert,
+                            weight);
+  for (int q0 = 0; q0 < n; q0 += 8) { /* up to 8 expert rows per pass */
+    uint4 *dst[8];
+    const int nn = n - q0 < 8 ? n - q0 : 8;
+    for (int q = 0; q < nn; q++)
+      dst[q] = recv_x + (sb[__ldcg(meta + 2 + 3 * (q0 + q)) >> 8] +
+                         __ldcg(meta + 3 + 3 * (q0 + q))) *
+                            nv;
+    if (s == p.rank)
+      nd_copy_s<false, S>(dst, nn, x + (long long)t * nv, lo, hi, tid);
+    else
+      nd_copy_s<true, S>(dst, nn, (const uint4 *)(nd.local + nd.off_rows) + slot * nv, lo,
+                         hi, tid);
+  }
+}
+
+/* Received token i (RANK_MAJOR): its row out of the slot, src and K slots,
+ * by S threads. */
+template <int S>
+__device__ void nd_expand_rank(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                               const disco_dev_plan_t &pl, long long i, uint4 *recv_x,
+                               int *src_rank, int *src_token, int *expert, float *weight,
+                               int lo, int hi, int first, int tid) {
+  const int nv = p.row_vecs;
+  const int s = disco_source(pl, p.world, i);
+  const long long slot = (long long)s * p.max_tokens + (i - pl.recv_off[s]);
+  const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
+  const int n = __ldcg(meta + 1);
+  const uint4 *src = (const uint4 *)(nd.local + nd.off_rows) + slot * nv;
+  uint4 *dst = recv_x + i * nv;
+  nd_copy_s<true, S>(&dst, 1, src, lo, hi, tid);
+  if (!first) return;
+  if (tid == 0) {
+    if (src_rank) src_rank[i] = s;
+    if (src_token) src_token[i] = __ldcg(meta);
+  }
+  disco_rank_slots<true>(p, meta, i, tid, S, expert, weight);
+}
+
+/* EXPERT_MAJOR with alignment: the padding rows after each expert's rows
+ * (zeros, -1 / 0.0 metadata); local experts b, b + nb, ... (block-wide). */
+static __device__ void nd_pad_rows(const disco_kparams_t &p, const disco_dev_plan_t &pl,
+                                   int b, int nb, uint4 *recv_x, int *src_rank,
+                                   int *src_token, int *expert, float *weight) {
+  const uint4 z = make_uint4(0u, 0u, 0u, 0u);
+  for (int l = b; l < p.num_local; l += nb) {
+    const long long first = pl.exp_off[l] + pl.exp_total[l], end = pl.exp_off[l + 1];
+    for (long long row = first; row < end; row++) {
+      for (int v = threadIdx.x; v < p.row_vecs; v += blockDim.x)
+        recv_x[row * p.row_vecs + v] = z;
+      if (threadIdx.x == 0) {
+        if (src_rank) src_rank[row] = -1;
+        if (src_token) src_token[row] = -1;
+        if (expert) expert[row] = -1;
+        if (weight) weight[row] = 0.0f;
+      }
+    }
+  }
+}
+
+/* ---- combine ------------------------------------------------------------------- */
+/* Received row of the combine's item j, or -1 (a hole). By default items go
+ * round the token owners (r + 1, r + 2, ...): every rank stores to all its
+ * peers at once instead of all ranks to rank 0 first, then to rank 1, ...
+ * (a convoy: one receiver's links busy, the others idle). */
+__device__ __forceinline__ long long nd_citem_row(const disco_dev_plan_t &pl, int W,
+                                                  int r, long long j, int rr) {
+  if (!rr) return j;
+  const int q = (r + 1 + (int)(j % W)) % W;
+  const long long k = j / W;
+  return k < pl.recv_off[q + 1] - pl.recv_off[q] ? pl.recv_off[q] + k : -1;
+}
+
+/* Expert side of received token i: fold its rows (EXPERT_MAJOR) or take y's
+ * row (RANK_MAJOR), store at the token owner's slot (block-wide). */
+template <int S>
+__device__ void nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                               const disco_dev_plan_t &pl, const uint4 *y, long long i,
+                               int weighted, int wire32, int rank_major, int lo, int hi,
+                               int sel, int tid) {
+  const int W = p.world, K = p.top_k, nv = p.row_vecs;
+  const int nq = p.dtype == DISCO_DTYPE_FP32 ? 1 : 2;
+  const int q = disco_source(pl, W, i);
+  if (nd_skip(sel, q == p.rank)) return;
+  uint4 *dst = (uint4 *)(nd.peer[q] + nd.off_part) +
+               ((long long)p.rank * p.max_tokens + (i - pl.recv_off[q])) * nd.part_vecs;
+  if (rank_major) { /* the caller reduced: the row goes back as it is */
+    nd_copy_s<false, S>(&dst, 1, y + i * nv, lo, hi, tid);
+    return;
+  }
+  const int *rws = pl.comb_rows + i * K;
+  int n = 0;
+  while (n < K && rws[n] >= 0) n++;
+  for (int v = lo + tid; v < hi; v += S) {
+    float acc[8];
+    disco_fold_expert(y, rws, pl.comb_w + i * K, n, nv, v, weighted, p.dtype, acc);
+    disco_store_part(dst, v, wire32, nq, p.dtype, acc);
+  }
+}
+
+/* Token side of token t: fold over destinations ascending (block-wide). */
+template <int S>
+__device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                                const disco_dev_plan_t &pl, uint4 *out, int wire32, int t,
+                                int lo, int hi, int tid) {
+  const int kd = p.kd, nv = p.row_vecs, nq = p.dtype == DISCO_DTYPE_FP32 ? 1 : 2;
+  const long long M = p.max_tokens;
+  const uint4 *part = (const uint4 *)(nd.local + nd.off_part);
+  const int *dest = pl.tok_dest + (long long)t * kd;
+  const int *trow = pl.tok_row + (long long)t * kd;
+  int n = 0;
+  while (n < kd && dest[n] >= 0) n++;
+  for (int v = lo + tid; v < hi; v += S) {
+    float acc[8];
+    disco_fold_token<true>(dest, trow, n, p.rank, part, (long long)p.rank * M, part, M,
+                           nd.part_vecs, v, wire32, nq, p.dtype, acc);
+    out[(long long)t * nv + v] = disco_pack(acc, p.dtype);
+  }
+}
+
+#endif /* DISCO_CUDA_ND_ROWS_CUH_ */
