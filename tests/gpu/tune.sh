@@ -2,7 +2,8 @@
 # A/B of nccl_device kernel variants on one machine: disco-bench at the
 # issue-6 shapes once per DISCO_ND_TUNE value, with DISCO_ND_TRACE=1 phase
 # timings (rank 0..W-1 lines), all into one file.
-# usage: tests/gpu/tune.sh OUTFILE [TUNE...]   (env: BUILD, SHAPES="-t ... -k ...")
+# usage: tests/gpu/tune.sh OUTFILE [VARIANT...]   (env: BUILD, SHAPES="-t ... -k ...")
+# A variant is a DISCO_ND_TUNE value, or NAME=value[,NAME=value...] settings.
 set -u -o pipefail
 OUTF=$1
 shift
@@ -10,12 +11,16 @@ BUILD=${BUILD:-/tmp/disco-build-gpu}
 B="$BUILD/tools/disco-bench/disco-bench"
 export NCCL_NVLS_ENABLE=0
 : > "$OUTF"
-for tune in "${@:-0}"; do
+for v in "${@:-0}"; do
+  case $v in
+    *=*) vars=${v//,/ } ;;
+    *) vars="DISCO_ND_TUNE=$v" ;;
+  esac
   for shape in "${SHAPES:--t 32,128,1024,4096 -H 7168 -k 1,8 -e 256}" "-t 4096 -H 4096 -k 2 -e 8"; do
-    echo "### DISCO_ND_TUNE=$tune $shape" >> "$OUTF"
+    echo "### $vars $shape" >> "$OUTF"
     # shellcheck disable=SC2086
-    DISCO_ND_TUNE=$tune DISCO_ND_TRACE=1 timeout 120 "$B" --backend nccl_device $shape \
-      -d bf16 -l expert -r uniform -c dtype -n 30 -W 5 --no-check >> "$OUTF" 2>&1 ||
+    env $vars DISCO_ND_TRACE=1 DISCO_BENCH_HOST_US=1 timeout 120 "$B" --backend nccl_device \
+      $shape -d bf16 -l expert -r uniform -c dtype -n 30 -W 5 --no-check >> "$OUTF" 2>&1 ||
       echo "### rc=$?" >> "$OUTF"
   done
 done
