@@ -67,15 +67,21 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   const int late = nd.test_self_delay_ns != 0ull && r == 0;
   for (int pass = 0; rows_on && st == 0 && pass <= late; pass++) {
     if (pass == 1) nd_sleep(nd.test_self_delay_ns);
-    for (int P = nd_parts(nb, T, p.row_vecs), it = b; it < T * P; it += nb) {
+    const int P = nd_parts(nb, T, p.row_vecs), S = DISCO_ND_THREADS;
+    unsigned long long *c = &nd.ctr[DISCO_ND_CTR_SEND + pass * DISCO_ND_CTR_EXPAND];
+    for (long long it = nd_share<S>(nd_ask<S>(c)), a; it < (long long)T * P;
+         it = nd_share<S>(a)) {
       int lo, hi;
-      nd_piece(p.row_vecs, P, it % P, &lo, &hi);
-      nd_send_token(p, nd, pl, x, w, it / P, rank_major, lo, hi, it % P == 0,
+      a = nd_ask<S>(c);
+      nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
+      nd_send_token(p, nd, pl, x, w, (int)(it / P), rank_major, lo, hi, it % P == 0,
                     late ? pass + 1 : 0);
     }
   }
   if (tr) nd_trace(nd, 0, s, 2);
   if (nd_last_block(&nd.done[0])) {
+    nd.ctr[DISCO_ND_CTR_SEND] = 0ull;
+    nd.ctr[DISCO_ND_CTR_EXPAND] = 0ull; /* the hook's second pass */
     for (int d = 0; d < W; d++)
       if (d != r)
         nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_DFLAG, r),
@@ -113,32 +119,11 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
    * rows fit), padding rows. */
   if (rows_on && *(volatile int32_t *)pl.go) {
     const long long R = pl.recv_off[W];
-    const int wpb = DISCO_ND_THREADS / 32, tid = threadIdx.x;
-    if (!(nd.tune & DISCO_ND_TUNE_BLOCK_EXPAND) &&
-        (R >= (long long)nb * wpb || (nd.tune & DISCO_ND_TUNE_FORCE_WARP))) {
-      /* Many rows: one per warp, so that each SM overlaps the metadata
-       * loads of many rows with the copies of others. */
-      for (long long i = (long long)b * wpb + (tid >> 5); i < R; i += (long long)nb * wpb)
-        if (rank_major)
-          nd_expand_rank<32>(p, nd, pl, i, recv_x, src_rank, src_token, expert, weight, 0,
-                             p.row_vecs, 1, tid & 31);
-        else
-          nd_expand_expert<32>(p, nd, pl, x, i, recv_x, src_rank, src_token, expert,
-                               weight, 0, p.row_vecs, 1, tid & 31);
-    } else {
-      const int P = nd_parts(nb, R, p.row_vecs);
-      for (long long it = b; it < R * P; it += nb) {
-        const long long i = it / P;
-        int lo, hi;
-        nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
-        if (rank_major)
-          nd_expand_rank<DISCO_ND_THREADS>(p, nd, pl, i, recv_x, src_rank, src_token,
-                                           expert, weight, lo, hi, it % P == 0, tid);
-        else
-          nd_expand_expert<DISCO_ND_THREADS>(p, nd, pl, x, i, recv_x, src_rank, src_token,
-                                             expert, weight, lo, hi, it % P == 0, tid);
-      }
-    }
+    const int warp = !(nd.tune & DISCO_ND_TUNE_BLOCK_EXPAND) &&
+                     (R >= (long long)nb * (DISCO_ND_THREADS / 32) ||
+                      (nd.tune & DISCO_ND_TUNE_FORCE_WARP));
+    nd_expand_range(p, nd, pl, x, 0, R, nb, warp, &nd.ctr[DISCO_ND_CTR_EXPAND],
+                    rank_major, recv_x, src_rank, src_token, expert, weight);
     if (!rank_major && align > 1)
       nd_pad_rows(p, pl, b, nb, recv_x, src_rank, src_token, expert, weight);
   }
@@ -147,6 +132,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   if (nd_last_block(&nd.done[2])) {
     for (int q = 0; q < W; q++)
       if (q != r) nd_st_release(nd_flag(nd, nd.peer[q], W, DISCO_ND_DACK, r), s << 8);
+    nd.ctr[DISCO_ND_CTR_EXPAND] = 0ull;
     nd.seq[0] = s;
     nd_trace(nd, 0, s, 7);
   }
@@ -198,29 +184,33 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
           N = pl.recv_off[q + 1] - pl.recv_off[q];
       N *= W;
     }
-    const int sel = late ? pass + 1 : 0, wpb = DISCO_ND_THREADS / 32;
-    if (!(nd.tune & DISCO_ND_TUNE_BLOCK_CSEND) &&
-        (R >= (long long)nb * wpb || (nd.tune & DISCO_ND_TUNE_FORCE_WARP))) {
-      for (long long j = (long long)b * wpb + (threadIdx.x >> 5); j < N;
-           j += (long long)nb * wpb) { /* a row per warp, as the expand */
+    const int sel = late ? pass + 1 : 0, S = DISCO_ND_THREADS;
+    unsigned long long *ct = &nd.ctr[pass ? DISCO_ND_CTR_TOKEN : DISCO_ND_CTR_CSEND];
+    if (!(nd.tune & DISCO_ND_TUNE_WARP_CSEND)) {
+      for (long long it = nd_share<S>(nd_ask<S>(ct)), a; it < N * P;
+           it = nd_share<S>(a)) {
+        const long long i = nd_citem_row(pl, W, r, it / P, rr);
+        int lo, hi;
+        a = nd_ask<S>(ct);
+        if (i < 0) continue;
+        nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
+        nd_csend_token<S>(p, nd, pl, y, i, weighted, wire32, rank_major, lo, hi, sel,
+                          threadIdx.x);
+      }
+    } else { /* a row per warp */
+      for (long long j = nd_share<32>(nd_ask<32>(ct)), a; j < N; j = nd_share<32>(a)) {
         const long long i = nd_citem_row(pl, W, r, j, rr);
+        a = nd_ask<32>(ct);
         if (i >= 0)
           nd_csend_token<32>(p, nd, pl, y, i, weighted, wire32, rank_major, 0, p.row_vecs,
                              sel, threadIdx.x & 31);
-      }
-    } else {
-      for (long long it = b; it < N * P; it += nb) {
-        const long long i = nd_citem_row(pl, W, r, it / P, rr);
-        int lo, hi;
-        if (i < 0) continue;
-        nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
-        nd_csend_token<DISCO_ND_THREADS>(p, nd, pl, y, i, weighted, wire32, rank_major,
-                                         lo, hi, sel, threadIdx.x);
       }
     }
   }
   if (tr) nd_trace(nd, 1, c, 2);
   if (nd_last_block(&nd.done[1])) {
+    nd.ctr[DISCO_ND_CTR_CSEND] = 0ull;
+    nd.ctr[DISCO_ND_CTR_TOKEN] = 0ull; /* the hook's second pass */
     for (int d = 0; d < W; d++)
       if (d != r)
         nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_CFLAG, r),
@@ -239,22 +229,26 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   }
   ok = nd_block_all(ok);
   if (!ok) return;
-  const int wpb = DISCO_ND_THREADS / 32;
-  if (ok == 1 && !(nd.tune & DISCO_ND_TUNE_BLOCK_TOKEN) &&
-      (T >= nb * wpb || (nd.tune & DISCO_ND_TUNE_FORCE_WARP))) {
-    for (int t = b * wpb + (threadIdx.x >> 5); t < T;
-         t += nb * wpb) /* a token per warp */
-      nd_ctoken_token<32>(p, nd, pl, out, wire32, t, 0, p.row_vecs, threadIdx.x & 31);
+  unsigned long long *ct = &nd.ctr[DISCO_ND_CTR_TOKEN];
+  if (ok == 1 && (nd.tune & DISCO_ND_TUNE_WARP_TOKEN)) { /* a token per warp */
+    for (long long t = nd_share<32>(nd_ask<32>(ct)), a; t < T; t = nd_share<32>(a)) {
+      a = nd_ask<32>(ct);
+      nd_ctoken_token<32>(p, nd, pl, out, wire32, (int)t, 0, p.row_vecs,
+                          threadIdx.x & 31);
+    }
   } else if (ok == 1) {
-    for (int P = nd_parts(nb, T, p.row_vecs), it = b; it < T * P; it += nb) {
+    const int P = nd_parts(nb, T, p.row_vecs), S = DISCO_ND_THREADS;
+    for (long long it = nd_share<S>(nd_ask<S>(ct)), a; it < (long long)T * P;
+         it = nd_share<S>(a)) {
       int lo, hi;
-      nd_piece(p.row_vecs, P, it % P, &lo, &hi);
-      nd_ctoken_token<DISCO_ND_THREADS>(p, nd, pl, out, wire32, it / P, lo, hi,
-                                        threadIdx.x);
+      a = nd_ask<S>(ct);
+      nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
+      nd_ctoken_token<S>(p, nd, pl, out, wire32, (int)(it / P), lo, hi, threadIdx.x);
     }
   }
   if (tr) nd_trace(nd, 1, c, 5);
   if (nd_last_block(&nd.done[3])) {
+    nd.ctr[DISCO_ND_CTR_TOKEN] = 0ull;
     for (int d = 0; d < W; d++)
       if (d != r) nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_CACK, r), c << 8);
     nd.seq[1] = c;

@@ -49,6 +49,8 @@ typedef struct disco_nd_params {
   unsigned long long *seq;  /* device [2]: last finished dispatch, combine */
   unsigned *done;           /* device [4]: blocks done per phase, 0 between calls */
   unsigned *step;           /* device [W]: sender blocks done per destination step */
+  unsigned long long *ctr;  /* device [4 + 2W]: work counters (DISCO_ND_CTR_*), 0
+                               between calls */
   unsigned long long *plan; /* device: dispatch seq whose receive plan is made */
   unsigned long long *sent; /* device [2]: last dispatch / combine whose local
                                stores (all blocks) are done */
@@ -64,12 +66,21 @@ typedef struct disco_nd_params {
   int expand_pct; /* share of the pipelined dispatch's blocks that expand */
 } disco_nd_params_t;
 
-/* DISCO_ND_TUNE bits: each turns a default off, for measuring what it gains. */
+/* Work counters (dynamic sharing of a phase's items). */
+#define DISCO_ND_CTR_SEND 0
+#define DISCO_ND_CTR_EXPAND 1
+#define DISCO_ND_CTR_CSEND 2
+#define DISCO_ND_CTR_TOKEN 3
+#define DISCO_ND_CTR_STEP 4 /* + step: pipelined sends, per destination step */
+#define DISCO_ND_CTR_SRC(W, q) (4 + (W) + (q)) /* pipelined expand, per source */
+#define DISCO_ND_CTRS(W) (4 + 2 * (W))
+
+/* DISCO_ND_TUNE bits: each switches a default, for measuring what it gains. */
 #define DISCO_ND_TUNE_SOURCE_ORDER 1 /* combine stores in source order (hot spots) */
 #define DISCO_ND_TUNE_BLOCK_EXPAND 2 /* expand a row per block even for many rows */
-#define DISCO_ND_TUNE_BLOCK_CSEND 4  /* combine's expert side: a row per block */
-#define DISCO_ND_TUNE_BLOCK_TOKEN 8  /* combine's token side: a token per block */
-#define DISCO_ND_TUNE_FORCE_WARP 16  /* a row per warp at any size (tests: coverage) */
+#define DISCO_ND_TUNE_WARP_CSEND 4   /* combine's expert side: a row per warp */
+#define DISCO_ND_TUNE_WARP_TOKEN 8   /* combine's token side: a token per warp */
+#define DISCO_ND_TUNE_FORCE_WARP 16  /* expand a row per warp at any size (tests) */
 #define DISCO_ND_TUNE_NO_PIPE 32     /* no pipelined dispatch at any size */
 
 /* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c);

@@ -63,23 +63,27 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   if (!nd_block_all(ok)) return;
 
   if (b >= nx) { /* ---- senders: one destination at a time ---- */
-    const int sb = b - nx;
     /* Test hook: rank 0 sends to itself last, late (see the plain kernel). */
     const int late = nd.test_self_delay_ns != 0ull && r == 0;
     for (int kk = 0; kk < W; kk++) {
       const int step = late ? (kk + 1) % W : kk, d = (r + step) % W;
       if (late && step == 0) nd_sleep(nd.test_self_delay_ns);
-      for (int t = sb; st == 0 && t < T; t += ns) {
-        const int *dest = pl.tok_dest + (long long)t * p.kd;
+      unsigned long long *c = &nd.ctr[DISCO_ND_CTR_STEP + step];
+      const int S = DISCO_ND_THREADS;
+      for (long long t = st == 0 ? nd_share<S>(nd_ask<S>(c)) : T, a; t < T;
+           t = nd_share<S>(a)) {
+        const int *dest = pl.tok_dest + t * p.kd;
+        a = nd_ask<S>(c);
         int k = -1;
         for (int q = 0; q < p.kd; q++) { /* ascending, -1 terminated */
           const int dq = dest[q];
           if (dq < 0 || dq > d) break;
           if (dq == d) k = q;
         }
-        if (k >= 0) nd_send_one(p, nd, pl, x, w, t, k, d, rank_major);
+        if (k >= 0) nd_send_one(p, nd, pl, x, w, (int)t, k, d, rank_major);
       }
       if (nd_last_of(&nd.step[step], (unsigned)ns)) {
+        *c = 0ull;
         if (d == r)
           nd_st_release_gpu(&nd.sent[0], s); /* own slot: read by this grid only */
         else
@@ -127,26 +131,20 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     if (tr && k == W - 1) nd_trace(nd, 2, s, 4); /* the last source's flag is in */
     if (!go) continue;
     const long long first = pl.recv_off[q], n = pl.recv_off[q + 1] - first;
-    const int P = nd_parts(nx, n, p.row_vecs);
-    for (long long it = b; it < n * P; it += nx) {
-      int lo, hi;
-      nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
-      if (rank_major)
-        nd_expand_rank<DISCO_ND_THREADS>(p, nd, pl, first + it / P, recv_x, src_rank,
-                                         src_token, expert, weight, lo, hi, it % P == 0,
-                                         threadIdx.x);
-      else
-        nd_expand_expert<DISCO_ND_THREADS>(p, nd, pl, x, first + it / P, recv_x, src_rank,
-                                           src_token, expert, weight, lo, hi, it % P == 0,
-                                           threadIdx.x);
-    }
+    const int warp = !(nd.tune & DISCO_ND_TUNE_BLOCK_EXPAND) &&
+                     (n >= (long long)nx * (DISCO_ND_THREADS / 32) ||
+                      (nd.tune & DISCO_ND_TUNE_FORCE_WARP));
+    nd_expand_range(p, nd, pl, x, first, n, nx, warp, &nd.ctr[DISCO_ND_CTR_SRC(W, q)],
+                    rank_major, recv_x, src_rank, src_token, expert, weight);
   }
   if (go && !rank_major && align > 1)
     nd_pad_rows(p, pl, b, nx, recv_x, src_rank, src_token, expert, weight);
   if (tr) nd_trace(nd, 2, s, 5);
   if (nd_last_of(&nd.done[2], (unsigned)nx)) {
-    for (int q = 0; q < W; q++)
+    for (int q = 0; q < W; q++) {
+      nd.ctr[DISCO_ND_CTR_SRC(W, q)] = 0ull;
       if (q != r) nd_st_release(nd_flag(nd, nd.peer[q], W, DISCO_ND_DACK, r), s << 8);
+    }
     nd.seq[0] = s;
     nd_trace(nd, 2, s, 6);
   }

@@ -155,6 +155,44 @@ static __device__ void nd_pad_rows(const disco_kparams_t &p, const disco_dev_pla
   }
 }
 
+/* Expands received rows [first, first + n) (one source's, or all), workers
+ * sharing them through *ctr: a warp per row when `warp`, else the block per
+ * piece of a row (pieces so that n rows keep nb blocks busy). */
+static __device__ void nd_expand_range(const disco_kparams_t &p,
+                                       const disco_nd_params_t &nd,
+                                       const disco_dev_plan_t &pl, const uint4 *x,
+                                       long long first, long long n, int nb, int warp,
+                                       unsigned long long *ctr, int rank_major,
+                                       uint4 *recv_x, int *src_rank, int *src_token,
+                                       int *expert, float *weight) {
+  const int nv = p.row_vecs;
+  if (warp) {
+    const int lane = threadIdx.x & 31;
+    for (long long i = nd_share<32>(nd_ask<32>(ctr)), a; i < n; i = nd_share<32>(a)) {
+      a = nd_ask<32>(ctr);
+      if (rank_major)
+        nd_expand_rank<32>(p, nd, pl, first + i, recv_x, src_rank, src_token, expert,
+                           weight, 0, nv, 1, lane);
+      else
+        nd_expand_expert<32>(p, nd, pl, x, first + i, recv_x, src_rank, src_token, expert,
+                             weight, 0, nv, 1, lane);
+    }
+    return;
+  }
+  const int P = nd_parts(nb, n, nv), S = DISCO_ND_THREADS;
+  for (long long it = nd_share<S>(nd_ask<S>(ctr)), a; it < n * P; it = nd_share<S>(a)) {
+    int lo, hi;
+    a = nd_ask<S>(ctr);
+    nd_piece(nv, P, (int)(it % P), &lo, &hi);
+    if (rank_major)
+      nd_expand_rank<S>(p, nd, pl, first + it / P, recv_x, src_rank, src_token, expert,
+                        weight, lo, hi, it % P == 0, threadIdx.x);
+    else
+      nd_expand_expert<S>(p, nd, pl, x, first + it / P, recv_x, src_rank, src_token,
+                          expert, weight, lo, hi, it % P == 0, threadIdx.x);
+  }
+}
+
 /* ---- combine ------------------------------------------------------------------- */
 /* Received row of the combine's item j, or -1 (a hole). By default items go
  * round the token owners (r + 1, r + 2, ...): every rank stores to all its

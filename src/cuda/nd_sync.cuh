@@ -179,6 +179,32 @@ __device__ __forceinline__ void nd_copy(uint4 *const *dst, int nd, const uint4 *
   nd_copy_s<CG, DISCO_ND_THREADS>(dst, nd, src, lo, hi, threadIdx.x);
 }
 
+/* Dynamic work sharing. Workers of S threads (a warp, or the whole block when
+ * S == DISCO_ND_THREADS) take item numbers from a counter that is 0 when the
+ * phase starts (the phase's last block resets it): a fast worker takes more,
+ * so no block is left far behind (a static split left the last block up to
+ * 100 us after block 0). The next number is asked for before the current
+ * item is worked on, so the atomic's latency overlaps the work:
+ *   for (long long it = nd_share<S>(nd_ask<S>(c)), a; it < n; it = nd_share<S>(a)) {
+ *     a = nd_ask<S>(c); ...item it...
+ *   }
+ */
+template <int S>
+__device__ __forceinline__ long long nd_ask(unsigned long long *ctr) {
+  return (threadIdx.x & (S - 1)) == 0 ? (long long)atomicAdd(ctr, 1ull) : 0ll;
+}
+
+/* The worker leader's value in all its threads (block-uniform call for S > 32). */
+template <int S>
+__device__ __forceinline__ long long nd_share(long long v) {
+  if (S == 32) return __shfl_sync(0xffffffffu, v, 0);
+  __shared__ long long sh;
+  __syncthreads(); /* everyone has read the previous value */
+  if (threadIdx.x == 0) sh = v;
+  __syncthreads();
+  return sh;
+}
+
 /* Phase timestamp `slot` of call `seq` (kind 0 dispatch, 1 combine, 2 pipelined), one
  * thread; nothing when tracing is off. */
 __device__ __forceinline__ void nd_trace(const disco_nd_params_t &nd, int kind, u64 seq,

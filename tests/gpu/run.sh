@@ -101,10 +101,11 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
     step "nccl_device test W=$NGPU" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device \
       "$T" --world "$NGPU"
   fi
-  # A row (token) per warp at every size: the mode large batches take, on the
-  # whole table (DISCO_ND_TUNE bits, src/cuda/nd_kernels.h).
+  # A row (token) per warp at every size in the expand and both combine folds
+  # (the expand's mode for many rows), on the whole table (DISCO_ND_TUNE bits,
+  # src/cuda/nd_kernels.h).
   step "nccl_device test W=$NGPU warp rows" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device \
-    DISCO_ND_TUNE=16 "$T" --world "$NGPU"
+    DISCO_ND_TUNE=28 "$T" --world "$NGPU"
   # The pipelined dispatch (many tokens by default) at every size, and mixed
   # with the plain one (ranks with fewer tokens than the threshold).
   step "nccl_device test W=$NGPU pipelined" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device \

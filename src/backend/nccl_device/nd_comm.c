@@ -13,13 +13,13 @@
 
 #define ND_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
 /* Small device block: seq[2], fatal, plan (u64), done[4] (u32), sent[2] (u64),
- * then peer[W] and step[W] (u32). */
+ * then peer[W], step[W] (u32) and, 8-aligned, the work counters (u64). */
 #define ND_SMALL_PEER_OFF 64u
 
 /* Pipelined dispatch from this many tokens on, with this share of the
  * blocks expanding (docs/nccl_device.md; env overrides for tuning). */
 #define ND_PIPE_MIN_TOKENS 1024
-#define ND_EXPAND_PCT 33
+#define ND_EXPAND_PCT 50
 
 /* An integer from the environment, or def when unset or below lo. */
 static int nd_env_int(const char *name, int def, int lo) {
@@ -308,8 +308,9 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
     rc = disco_nccl_cuda(cudaMemset(p->err_key, 0xff, 8u), fn, "cudaMemset", r);
   if (rc != DISCO_SUCCESS) return rc;
   p->blk_done = (unsigned *)(p->err_key + 1);
-  const size_t small =
-      ND_SMALL_PEER_OFF + (size_t)W * (sizeof(char *) + sizeof(unsigned));
+  const size_t ctr_off = ND_ALIGN_UP(
+      ND_SMALL_PEER_OFF + (size_t)W * (sizeof(char *) + sizeof(unsigned)), 8u);
+  const size_t small = ctr_off + (size_t)DISCO_ND_CTRS(W) * 8u;
   rc = disco_nccl_cuda(cudaMalloc(&st->small, small), fn, "cudaMalloc", r);
   if (rc == DISCO_SUCCESS)
     rc = disco_nccl_cuda(cudaMemset(st->small, 0, small), fn, "cudaMemset", r);
@@ -337,6 +338,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.sent = (unsigned long long *)(sm + 48);
   st->nd.peer = (char *const *)(sm + ND_SMALL_PEER_OFF);
   st->nd.step = (unsigned *)(sm + ND_SMALL_PEER_OFF + (size_t)W * sizeof(char *));
+  st->nd.ctr = (unsigned long long *)(sm + ctr_off);
   st->nd.hfatal = st->drec + DISCO_LATCH_WORDS;
   st->nd.timeout_ns = (unsigned long long)comm->timeout_ms * 1000000ull;
   /* Test hook: rank 0's kernels store what they send to themselves this many
