@@ -55,19 +55,20 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   const int tr = b == 0 && threadIdx.x == 0; /* the thread that traces */
   if (tr) nd_trace(nd, 0, s, 0);
   /* 1. The peers have read our previous rows: we may overwrite the slots. */
-  if (threadIdx.x == 0)
-    ok = nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad,
-                     &code);
+  ok =
+      nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad, &code);
   if (tr) nd_trace(nd, 0, s, 1);
-  if (!nd_block_all(ok)) return;
-  /* 2. Count messages (self included), rows, metadata; flags by the last block. */
+  if (!ok) return;
+  /* 2. Block 0: the count messages (self included) and DCNT flags; the other
+   * blocks (all, with a grid of one): rows and metadata. Flags by the last. */
   if (b == 0) nd_send_counts(p, nd, pl, status_in, st, s);
   /* Test hook: rank 0 stores what it sends to itself late, after its peers'
    * share (a regression test for reading our own slot too early). */
   const int late = nd.test_self_delay_ns != 0ull && r == 0;
-  for (int pass = 0; rows_on && st == 0 && pass <= late; pass++) {
+  const int senders = nb > 1 ? nb - 1 : 1;
+  for (int pass = 0; rows_on && st == 0 && (b > 0 || nb == 1) && pass <= late; pass++) {
     if (pass == 1) nd_sleep(nd.test_self_delay_ns);
-    const int P = nd_parts(nb, T, p.row_vecs), S = DISCO_ND_THREADS;
+    const int P = nd_parts(senders, T, p.row_vecs), S = DISCO_ND_THREADS;
     unsigned long long *c = &nd.ctr[DISCO_ND_CTR_SEND + pass * DISCO_ND_CTR_EXPAND];
     for (long long it = nd_share<S>(nd_ask<S>(c)), a; it < (long long)T * P;
          it = nd_share<S>(a)) {
@@ -78,7 +79,6 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                     late ? pass + 1 : 0);
     }
   }
-  if (tr) nd_trace(nd, 0, s, 2);
   if (nd_last_block(&nd.done[0])) {
     nd.ctr[DISCO_ND_CTR_SEND] = 0ull;
     nd.ctr[DISCO_ND_CTR_EXPAND] = 0ull; /* the hook's second pass */
@@ -89,22 +89,23 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_st_release_gpu(&nd.sent[0], s); /* our own slot's rows and metadata too */
     nd_trace(nd, 0, s, 3);
   }
-  /* 3. Block 0: every source's data is here, this rank's own slot included
-   * (written by other blocks of this grid); counts -> receive plan. */
+  /* 3. Block 0: the receive plan as soon as every rank's counts are in (their
+   * rows still on the way), then every source's data, this rank's own slot
+   * included (written by other blocks of this grid): go. */
   if (b == 0) {
-    if (threadIdx.x == 0)
-      ok = nd_wait_all(p, nd, DISCO_ND_DFLAG, s, DISCO_ND_PHASE_DFLAG, call, &bad,
-                       &code) &&
-           nd_wait_block0(nd, &nd.sent[0], s);
-    if (tr) nd_trace(nd, 0, s, 4);
-    if (!nd_block_all(ok)) return;
+    ok = nd_wait_all(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad, &code);
+    if (tr) nd_trace(nd, 0, s, 2);
+    if (!ok) return;
     const int n = W * ml;
     const long long *cnt = (const long long *)(nd.local + nd.off_cnt);
     for (int i = threadIdx.x; i < n; i += blockDim.x) pl.msg[n + i] = __ldcg(cnt + i);
     __syncthreads();
     disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap,
                          (long long)call);
-    __syncthreads();
+    ok = nd_wait_all(p, nd, DISCO_ND_DFLAG, s, DISCO_ND_PHASE_DFLAG, call, &bad, &code);
+    if (threadIdx.x == 0) ok = ok && nd_wait_block0(nd, &nd.sent[0], s);
+    if (tr) nd_trace(nd, 0, s, 4);
+    if (!nd_block_all(ok)) return;
     if (threadIdx.x == 0) {
       __threadfence();
       asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(nd.plan), "l"(s)
@@ -160,15 +161,12 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   int ok = 1, q = -1, code = 0;
   const int tr = b == 0 && threadIdx.x == 0;
   if (tr) nd_trace(nd, 1, c, 0);
-  if (threadIdx.x == 0) {
-    if (b == 0 && st != 0 && status_in == 0)
-      disco_latch(p.lerr, st, r, (long long)call, y_rows, rows, 0, 0);
-    /* the token owners have read our previous partials */
-    ok =
-        nd_wait_all(p, nd, DISCO_ND_CACK, c - 1ull, DISCO_ND_PHASE_CACK, call, &q, &code);
-  }
+  if (threadIdx.x == 0 && b == 0 && st != 0 && status_in == 0)
+    disco_latch(p.lerr, st, r, (long long)call, y_rows, rows, 0, 0);
+  /* the token owners have read our previous partials */
+  ok = nd_wait_all(p, nd, DISCO_ND_CACK, c - 1ull, DISCO_ND_PHASE_CACK, call, &q, &code);
   if (tr) nd_trace(nd, 1, c, 1);
-  if (!nd_block_all(ok)) return;
+  if (!ok) return;
   /* Test hook: rank 0 stores its own partials late (see dispatch). */
   const int late = nd.test_self_delay_ns != 0ull && r == 0;
   for (int pass = 0; st == 0 && pass <= late; pass++) {
@@ -218,10 +216,10 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_st_release_gpu(&nd.sent[1], c); /* our own partials too */
     nd_trace(nd, 1, c, 3);
   }
+  /* Every expert rank's partials, ours (other blocks of this grid) included. */
+  ok = nd_wait_all(p, nd, DISCO_ND_CFLAG, c, DISCO_ND_PHASE_CFLAG, call, &q, &code);
   if (threadIdx.x == 0) {
-    /* Every expert rank's partials, ours (other blocks of this grid) included. */
-    ok = nd_wait_all(p, nd, DISCO_ND_CFLAG, c, DISCO_ND_PHASE_CFLAG, call, &q, &code) &&
-         nd_wait_block0(nd, &nd.sent[1], c);
+    ok = ok && nd_wait_block0(nd, &nd.sent[1], c);
     if (ok && st == 0 && q >= 0 && b == 0)
       disco_latch(p.lerr, DISCO_ERR_REMOTE, q, (long long)call, -1, -1, -1, code);
     if (ok && (st != 0 || q >= 0)) ok = 2; /* someone failed: write nothing */

@@ -56,11 +56,10 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   int ok = 1, bad, code;
   (void)rows_on; /* always 1 here: the layout-only call takes the plain kernel */
   if (tr) nd_trace(nd, 2, s, 0);
-  if (threadIdx.x == 0)
-    ok = nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad,
-                     &code);
+  ok =
+      nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad, &code);
   if (tr) nd_trace(nd, 2, s, 1);
-  if (!nd_block_all(ok)) return;
+  if (!ok) return;
 
   if (b >= nx) { /* ---- senders: one destination at a time ---- */
     /* Test hook: rank 0 sends to itself last, late (see the plain kernel). */
@@ -98,9 +97,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   /* ---- expanders: the plan as soon as the counts are in ---- */
   if (b == 0) {
     nd_send_counts(p, nd, pl, status_in, st, s);
-    if (threadIdx.x == 0)
-      ok = nd_wait_all(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad, &code);
-    if (!nd_block_all(ok)) return;
+    ok = nd_wait_all(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad, &code);
+    if (!ok) return;
     const int n = W * ml;
     const long long *cnt = (const long long *)(nd.local + nd.off_cnt);
     for (int i = threadIdx.x; i < n; i += blockDim.x) pl.msg[n + i] = __ldcg(cnt + i);

@@ -82,27 +82,38 @@ static __device__ int nd_wait(const disco_kparams_t &p, const disco_nd_params_t 
   }
 }
 
-/* Thread 0 waits for `kind` flags of every peer; 1 when all arrived. *bad:
- * lowest peer whose flag carries a failure status (-1 none), its code. */
+/* The whole block waits for `kind` flags of every peer, one peer per thread
+ * (polled in parallel: one flag's latency, not W - 1 in a row); 1 in every
+ * thread when all arrived, 0 after a timeout or a dead peer. *bad: lowest
+ * peer whose flag carries a failure status (-1 none), *code its status. */
 static __device__ int nd_wait_all(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                   int kind, u64 want, int phase, u64 call, int *bad,
                                   int *code) {
-  *bad = -1;
-  *code = 0;
-  for (int q = 0; q < p.world; q++) /* fail fast if a peer already gave up */
-    if (q != p.rank && nd_peer_dead(p, nd, q, call)) return 0;
-  for (int q = 0; q < p.world; q++) {
+  __shared__ int s_ok, s_bad;
+  __syncthreads(); /* the previous call's results are read */
+  if (threadIdx.x == 0) {
+    s_ok = 1;
+    s_bad = 0x7fffffff;
+  }
+  __syncthreads();
+  for (int q = threadIdx.x; q < p.world; q += blockDim.x) /* fail fast: gave up */
+    if (q != p.rank && nd_peer_dead(p, nd, q, call)) atomicExch(&s_ok, 0);
+  __syncthreads();
+  const int alive = s_ok; /* shared writes below are atomics (racecheck-clean) */
+  for (int q = threadIdx.x; alive && q < p.world; q += blockDim.x) {
     u64 v = 0;
     if (q == p.rank) continue;
     if (!nd_wait(p, nd, nd_flag(nd, nd.local, p.world, kind, q), want, q, phase, call,
-                 &v))
-      return 0;
-    if ((v & 255ull) != 0ull && *bad < 0) {
-      *bad = q;
-      *code = (int)(v & 255ull);
+                 &v)) {
+      atomicExch(&s_ok, 0);
+      break;
     }
+    if ((v & 255ull) != 0ull) atomicMin(&s_bad, q << 8 | (int)(v & 255ull));
   }
-  return 1;
+  __syncthreads();
+  *bad = s_bad == 0x7fffffff ? -1 : s_bad >> 8;
+  *code = s_bad == 0x7fffffff ? 0 : s_bad & 255;
+  return s_ok;
 }
 
 /* Last of n blocks to get here (after their stores): returns 1 in thread 0
@@ -135,11 +146,12 @@ static __device__ int nd_wait_block0(const disco_nd_params_t &nd, const u64 *wor
   }
 }
 
-/* Pieces each row is cut into so that n rows keep nb blocks busy (small
- * batches: several blocks per row; large ones: a block per row). */
+/* Pieces each row is cut into: about 4 work items per block, so that the
+ * dynamic sharing leaves a short tail (small batches: several blocks per
+ * row, at most a vector per thread per piece; large ones: a block per row). */
 __device__ __forceinline__ int nd_parts(int nb, long long n, int nv) {
   const long long pmax = (nv + DISCO_ND_THREADS - 1) / DISCO_ND_THREADS;
-  const long long pp = n > 0 ? nb / n : 1;
+  const long long pp = n > 0 ? (4ll * nb + n - 1) / n : 1;
   return (int)(pp < 1 ? 1 : pp > pmax ? pmax : pp);
 }
 

@@ -54,7 +54,7 @@ void disco_nd_trace_report(disco_nd_state_t *st, int rank) {
   /* phase i = slot i - slot i-1 ("+": after block 0, until the last block);
    * a name starting with '@' is slot i - slot 0 instead */
   static const char *const names[DISCO_ND_TRACE_KINDS][DISCO_ND_TRACE_SLOTS] = {
-      {"", "ack-wait", "send", "+last-send", "+flags", "plan", "expand", "+last-expand"},
+      {"", "ack-wait", "@counts-in", "@sent", "@flags-in", "@go", "@expand", "@done"},
       {"", "ack-wait", "send", "+last-send", "+flags", "token", "+last-token", ""},
       {"", "ack-wait", "counts+plan", "own-expand", "expand-until-last-flag",
        "last-source-expand", "+last-expand", "@senders-done"}};
