@@ -1,148 +1,15 @@
-/* Routing layout on the device: validation, per-rank and per-expert counts,
- * stable positions in token order, count messages and the receive plan.
- *
- * Determinism without sorting: inside a warp (32 consecutive tokens) each
- * token sets its lane bit in a shared bitmask per expert and per destination
- * rank (atomicOr commutes, so the result does not depend on timing); a
- * token's position among the warp's tokens with that column is the popcount
- * of the lower lanes. Warps of a block are scanned per column, blocks by the
- * last block to finish (finalize, in the same launch). */
+/* Routing layout and receive plan kernels of the nccl backend (the device
+ * code is in layout.cuh and recv_plan.cuh). */
 #include "cuda/kernels.h"
+#include "cuda/layout.cuh"
 #include "cuda/recv_plan.cuh"
 
-#define DISCO_LAYOUT_THREADS_MAX 256
 #define DISCO_SMALL_THREADS 512
-
-__device__ __forceinline__ long long disco_id(const void *idx, int idx64, long long i) {
-  return idx64 ? ((const long long *)idx)[i] : (long long)((const int *)idx)[i];
-}
-
-/* Finalize, run by the last layout block to finish: scan of the per-block
- * counts per column, status, count messages. `tot`: shared [nc] then
- * status[5]. Reads what other blocks wrote through L2. */
-__device__ void disco_finalize_body(const disco_kparams_t &p, const disco_dev_plan_t &pl,
-                                    const void *idx, int idx64, int nblk,
-                                    long long *tot) {
-  const int nc = p.num_cols, E = p.num_experts, K = p.top_k;
-  long long *st = tot + nc;
-  for (int c = threadIdx.x; c < nc; c += blockDim.x) {
-    int acc = 0;
-    for (int b = 0; b < nblk; b++) {
-      int n = __ldcg(&p.blk_cnt[(long long)b * nc + c]);
-      pl.blk_base[(long long)b * nc + c] = acc;
-      acc += n;
-    }
-    tot[c] = acc;
-  }
-  if (threadIdx.x == 0) {
-    unsigned long long key = *(volatile unsigned long long *)p.err_key;
-    st[0] = st[1] = st[2] = st[3] = st[4] = 0;
-    if (key != ~0ull) {
-      long long t = (long long)(key / (unsigned long long)K);
-      int j = (int)(key % (unsigned long long)K);
-      long long v = disco_id(idx, idx64, (long long)key);
-      st[0] = DISCO_ERR_EXPERT_OUT_OF_RANGE;
-      if (v >= -1 && v < E) {
-        st[0] = DISCO_ERR_DUPLICATE_EXPERT;
-        for (int i = j - 1; i >= 0; i--)
-          if (disco_id(idx, idx64, t * K + i) == v) st[4] = i;
-      }
-      st[1] = t;
-      st[2] = j;
-      st[3] = v;
-      *p.err_key = ~0ull; /* ready for the next dispatch */
-    }
-  }
-  __syncthreads();
-  const int ml = p.msg_len;
-  int64_t *send = pl.msg, *recv = pl.msg + (long long)p.world * ml;
-  for (int i = threadIdx.x; i < p.world * ml; i += blockDim.x) {
-    int d = i / ml, f = i % ml;
-    long long v;
-    if (f < DISCO_MSG_TOKENS)
-      v = st[f];
-    else if (f == DISCO_MSG_TOKENS)
-      v = tot[E + d];
-    else
-      v = tot[d * p.num_local + (f - DISCO_MSG_COUNTS)];
-    send[i] = v;
-    if (d == p.rank) recv[i] = v; /* self: no transport */
-  }
-}
 
 __global__ void disco_layout_kernel(disco_kparams_t p, disco_dev_plan_t pl,
                                     const void *idx, int idx64, int T) {
   extern __shared__ unsigned smem[];
-  const int nw = blockDim.x >> 5, nc = p.num_cols, K = p.top_k, E = p.num_experts;
-  unsigned *mask = smem;           /* [nw, nc] lane bits */
-  unsigned *base = smem + nw * nc; /* [nw, nc] tokens in earlier warps */
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const unsigned bit = 1u << lane;
-  const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  for (int i = threadIdx.x; i < nw * nc; i += blockDim.x) mask[i] = 0u;
-  __syncthreads();
-  if (t < T) {
-    const long long row = (long long)t * K;
-    for (int j = 0; j < K; j++) {
-      long long v = disco_id(idx, idx64, row + j);
-      int bad = v < -1 || v >= E;
-      if (!bad && v >= 0)
-        for (int i = 0; i < j; i++)
-          if (disco_id(idx, idx64, row + i) == v) bad = 1;
-      int e = -1;
-      if (bad) {
-        atomicMin(p.err_key, (unsigned long long)(row + j));
-      } else if (v >= 0) {
-        e = (int)v;
-        atomicOr(&mask[warp * nc + e], bit);
-        atomicOr(&mask[warp * nc + E + e / p.num_local], bit);
-      }
-      pl.slot[row + j] = e;
-    }
-  }
-  __syncthreads();
-  for (int c = threadIdx.x; c < nc; c += blockDim.x) {
-    unsigned acc = 0;
-    for (int w = 0; w < nw; w++) {
-      base[w * nc + c] = acc;
-      acc += __popc(mask[w * nc + c]);
-    }
-    p.blk_cnt[(long long)blockIdx.x * nc + c] = (int)acc;
-  }
-  __syncthreads();
-  if (t < T) {
-    const unsigned lt = bit - 1u;
-    const unsigned *m = mask + warp * nc, *b = base + warp * nc;
-    const long long row = (long long)t * K;
-    for (int j = 0; j < K; j++) {
-      int e = pl.slot[row + j];
-      pl.slot_pos[row + j] = e < 0 ? -1 : (int)(b[e] + __popc(m[e] & lt));
-    }
-    /* Destinations ascending and deduplicated: walk the rank columns. */
-    int nd = 0;
-    const long long drow = (long long)t * p.kd;
-    for (int d = 0; d < p.world && nd < p.kd; d++) {
-      unsigned md = m[E + d];
-      if (md & bit) {
-        pl.tok_dest[drow + nd] = d;
-        pl.tok_dpos[drow + nd] = (int)(b[E + d] + __popc(md & lt));
-        nd++;
-      }
-    }
-    for (; nd < p.kd; nd++) pl.tok_dest[drow + nd] = -1;
-  }
-  /* The last block to finish scans every block's counts (threadfence
-   * reduction: counts and error keys are visible once the counter says all
-   * blocks are done) and writes the count messages. */
-  __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(p.blk_done, 1u) == gridDim.x - 1u;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  disco_finalize_body(p, pl, idx, idx64, (int)gridDim.x, (long long *)smem);
-  if (threadIdx.x == 0) *p.blk_done = 0u; /* ready for the next dispatch */
+  disco_layout_body(p, pl, idx, idx64, T, blockIdx.x, gridDim.x, smem);
 }
 
 extern "C" cudaError_t disco_k_layout(const disco_kparams_t *p,
@@ -152,9 +19,7 @@ extern "C" cudaError_t disco_k_layout(const disco_kparams_t *p,
   /* At least one block: with no tokens it still writes the messages. */
   int threads = 32 * p->layout_warps;
   int blocks = num_tokens <= 0 ? 1 : (int)((num_tokens + threads - 1) / threads);
-  size_t smem = 2u * (size_t)p->layout_warps * (size_t)p->num_cols * sizeof(unsigned);
-  size_t fin = ((size_t)p->num_cols + 5) * sizeof(long long); /* reuses the masks */
-  if (fin > smem) smem = fin;
+  const size_t smem = disco_layout_smem(p);
   disco_layout_kernel<<<blocks, threads, smem, stream>>>(*p, *pl, topk_idx, idx64,
                                                          (int)num_tokens);
   return cudaGetLastError();

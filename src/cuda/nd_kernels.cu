@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "cuda/latch.cuh"
+#include "cuda/layout.cuh"
 #include "cuda/nd_kernels.h"
 #include "cuda/nd_rows.cuh"
 #include "cuda/recv_plan.cuh"
@@ -44,21 +45,34 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                        int rows_on, int status_in, int call_kind, uint4 *recv_x,
                        int *src_rank, int *src_token, int *expert, float *weight,
                        int32_t *n_to, int32_t *n_from, int32_t *tpe,
-                       int64_t *num_rows_out, long long cap) {
+                       int64_t *num_rows_out, long long cap, const void *idx, int idx64,
+                       int fuse) {
   if (nd_dead(nd)) return;
   const int W = p.world, r = p.rank, ml = p.msg_len, b = blockIdx.x, nb = gridDim.x;
   const int rank_major = layout == DISCO_LAYOUT_RANK_MAJOR;
   const u64 s = nd.seq[0] + 1ull;
   const u64 call = (u64)call_kind << 32 | (s & 0xffffffffull);
-  const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
   int ok = 1, bad, code;
   const int tr = b == 0 && threadIdx.x == 0; /* the thread that traces */
   if (tr) nd_trace(nd, 0, s, 0);
+  /* 0. A batch of one layout block: block 0 makes the routing layout (one
+   * launch less); the others wait for it after the acks below. */
+  if (fuse && b == 0) {
+    extern __shared__ unsigned smem[];
+    disco_layout_body(p, pl, idx, idx64, T, 0, 1, smem);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      nd_st_release_gpu(nd.lay, s);
+    }
+  }
   /* 1. The peers have read our previous rows: we may overwrite the slots. */
   ok =
       nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad, &code);
+  if (fuse && b != 0 && threadIdx.x == 0) ok = ok && nd_wait_block0(nd, nd.lay, s);
   if (tr) nd_trace(nd, 0, s, 1);
-  if (!ok) return;
+  if (!nd_block_all(ok)) return;
+  const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
   /* 2. Block 0: the count messages (self included) and DCNT flags; the other
    * blocks (all, with a grid of one): rows and metadata. Flags by the last. */
   if (b == 0) nd_send_counts(p, nd, pl, status_in, st, s);
@@ -261,12 +275,14 @@ static int nd_grid(const disco_nd_params_t *nd, long long work) {
   return (int)(g < nd->max_grid ? g : nd->max_grid);
 }
 
-static cudaError_t nd_launch(const void *fn, int grid, void **args, cudaStream_t stream) {
+static cudaError_t nd_launch(const void *fn, int grid, size_t smem, void **args,
+                             cudaStream_t stream) {
   cudaLaunchConfig_t cfg;
   cudaLaunchAttribute attr[1];
   memset(&cfg, 0, sizeof(cfg));
   cfg.gridDim = dim3((unsigned)grid, 1, 1);
   cfg.blockDim = dim3(DISCO_ND_THREADS, 1, 1);
+  cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   attr[0].id = cudaLaunchAttributeCooperative; /* co-residency, or an error */
   attr[0].val.cooperative = 1;
@@ -275,14 +291,20 @@ static cudaError_t nd_launch(const void *fn, int grid, void **args, cudaStream_t
   return cudaLaunchKernelExC(&cfg, fn, args);
 }
 
-extern "C" cudaError_t disco_nd_max_grid(int max_sms, int *grid) {
-  int dev = 0, sms = 0, a = 0, c = 0, q = 0;
+extern "C" cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, int *grid,
+                                         size_t *fuse_smem) {
+  int dev = 0, sms = 0, a = 0, a1 = 0, c = 0, q = 0;
+  /* The layout's shared memory, when a layout block is the kernel's block */
+  const size_t lsm = 32 * p->layout_warps == DISCO_ND_THREADS ? disco_layout_smem(p) : 0;
   cudaError_t e = cudaGetDevice(&dev);
   if (e == cudaSuccess)
     e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (e == cudaSuccess)
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&a, nd_dispatch_kernel,
                                                       DISCO_ND_THREADS, 0);
+  if (e == cudaSuccess && lsm > 0)
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&a1, nd_dispatch_kernel,
+                                                      DISCO_ND_THREADS, lsm);
   if (e == cudaSuccess)
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c, nd_combine_kernel,
                                                       DISCO_ND_THREADS, 0);
@@ -291,6 +313,8 @@ extern "C" cudaError_t disco_nd_max_grid(int max_sms, int *grid) {
                                                       DISCO_ND_THREADS, 0);
   if (e != cudaSuccess) return e;
   if (max_sms > 0 && max_sms < sms) sms = max_sms;
+  /* fuse the layout only where it costs no co-resident block */
+  *fuse_smem = lsm > 0 && a1 >= a ? lsm : 0;
   if (q < a) a = q;
   *grid = (a < c ? a : c) * sms;
   if (*grid < 1) *grid = 1;
@@ -314,9 +338,11 @@ extern "C" cudaError_t disco_nd_k_dispatch(const disco_kparams_t *p,
   int32_t *nto = io->n_to, *nfrom = io->n_from, *tpe = io->tokens_per_expert;
   int64_t *nrows = io->num_recv_rows;
   long long cap = (long long)io->capacity;
-  void *args[] = {&kp,    &ndp,  &plan,   &x,     &w,      &T,     &layout,
-                  &align, &rows, &status, &call,  &recv_x, &sr,    &stok,
-                  &ex,    &wt,   &nto,    &nfrom, &tpe,    &nrows, &cap};
+  const void *idx = io->topk_idx;
+  int idx64 = io->idx64, fuse = 0;
+  void *args[] = {&kp,   &ndp,    &plan, &x,      &w,   &T,    &layout, &align,
+                  &rows, &status, &call, &recv_x, &sr,  &stok, &ex,     &wt,
+                  &nto,  &nfrom,  &tpe,  &nrows,  &cap, &idx,  &idx64,  &fuse};
   /* Work: tokens to send, and up to every possible received token. */
   long long work = T;
   const long long recv = (long long)p->world * (long long)(T > 0 ? T : 1);
@@ -324,8 +350,16 @@ extern "C" cudaError_t disco_nd_k_dispatch(const disco_kparams_t *p,
   const int grid = nd_grid(nd, work);
   const int pipe = rows && status == 0 && T >= nd->pipe_min && grid >= 2 &&
                    !(nd->tune & DISCO_ND_TUNE_NO_PIPE);
+  /* One layout block of tokens: block 0 of the dispatch kernel makes it. */
+  fuse = idx != NULL && rows && !pipe && !(nd->tune & DISCO_ND_TUNE_NO_FUSE) &&
+         32 * p->layout_warps == DISCO_ND_THREADS && T <= DISCO_ND_THREADS &&
+         nd->fuse_smem > 0;
+  if (idx != NULL && !fuse) {
+    const cudaError_t e = disco_k_layout(p, pl, idx, idx64, T, stream);
+    if (e != cudaSuccess) return e;
+  }
   return nd_launch(pipe ? disco_nd_pipe_kernel() : (const void *)nd_dispatch_kernel, grid,
-                   args, stream);
+                   fuse ? disco_layout_smem(p) : 0, args, stream);
 }
 
 extern "C" cudaError_t disco_nd_k_combine(const disco_kparams_t *p,
@@ -344,5 +378,5 @@ extern "C" cudaError_t disco_nd_k_combine(const disco_kparams_t *p,
   uint4 *o = (uint4 *)out;
   void *args[] = {&kp, &ndp, &plan, &yv, &yr, &wt, &w32, &rm, &stt, &o, &T};
   const long long work = (long long)p->world * (long long)(T > 0 ? T : 1);
-  return nd_launch((const void *)nd_combine_kernel, nd_grid(nd, work), args, stream);
+  return nd_launch((const void *)nd_combine_kernel, nd_grid(nd, work), 0, args, stream);
 }

@@ -52,6 +52,7 @@ typedef struct disco_nd_params {
   unsigned long long *ctr;  /* device [4 + 2W]: work counters (DISCO_ND_CTR_*), 0
                                between calls */
   unsigned long long *plan; /* device: dispatch seq whose receive plan is made */
+  unsigned long long *lay;  /* device: dispatch seq whose layout block 0 made */
   unsigned long long *sent; /* device [2]: last dispatch / combine whose local
                                stores (all blocks) are done */
   int max_grid;             /* co-resident blocks of one launch */
@@ -61,9 +62,10 @@ typedef struct disco_nd_params {
   unsigned long long *hfatal; /* mapped host record of the fatal error */
   unsigned long long timeout_ns;
   unsigned long long *trace; /* device [KINDS][CALLS][SLOTS] phase times, NULL: off */
-  int tune;       /* DISCO_ND_TUNE bits (A/B of kernel variants), 0: the defaults */
-  int pipe_min;   /* tokens from which dispatch pipelines (nd_pipe.cu) */
-  int expand_pct; /* share of the pipelined dispatch's blocks that expand */
+  int tune;         /* DISCO_ND_TUNE bits (A/B of kernel variants), 0: the defaults */
+  int pipe_min;     /* tokens from which dispatch pipelines (nd_pipe.cu) */
+  int expand_pct;   /* share of the pipelined dispatch's blocks that expand */
+  size_t fuse_smem; /* layout smem the dispatch kernel's occupancy allows */
 } disco_nd_params_t;
 
 /* Work counters (dynamic sharing of a phase's items). */
@@ -82,6 +84,7 @@ typedef struct disco_nd_params {
 #define DISCO_ND_TUNE_WARP_TOKEN 8   /* combine's token side: a token per warp */
 #define DISCO_ND_TUNE_FORCE_WARP 16  /* expand a row per warp at any size (tests) */
 #define DISCO_ND_TUNE_NO_PIPE 32     /* no pipelined dispatch at any size */
+#define DISCO_ND_TUNE_NO_FUSE 64     /* the layout always as its own launch */
 
 /* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c);
  * kinds: dispatch, combine, pipelined dispatch. */
@@ -113,15 +116,20 @@ typedef struct disco_nd_io {
   float *weight;
   int32_t *n_to, *n_from, *tokens_per_expert;
   int64_t *num_recv_rows;
-  int64_t capacity; /* rows the outputs hold */
+  int64_t capacity;     /* rows the outputs hold */
+  const void *topk_idx; /* != NULL: make the routing layout first (else reused) */
+  int idx64;
 } disco_nd_io_t;
 
 /* Blocks of one co-resident launch on the current device (max_sms > 0 caps
- * the SMs counted). */
-cudaError_t disco_nd_max_grid(int max_sms, int *grid);
-/* After disco_k_layout (or with a reused plan): one cooperative launch that
- * sends, receives, makes the receive plan, expands and acks. p->lerr NULL:
- * errors are not latched (the host reads the statuses back itself). */
+ * the SMs counted); *fuse_smem: the layout's shared memory when the dispatch
+ * kernel can make the layout itself without losing occupancy, else 0. */
+cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, int *grid,
+                              size_t *fuse_smem);
+/* The routing layout (io->topk_idx; a batch of one layout block: by block 0
+ * of the same launch, else its own kernel first), then one cooperative
+ * launch that sends, receives, makes the receive plan, expands and acks.
+ * p->lerr NULL: errors are not latched (the host reads the statuses back). */
 cudaError_t disco_nd_k_dispatch(const disco_kparams_t *p, const disco_nd_params_t *nd,
                                 const disco_dev_plan_t *pl, const disco_nd_io_t *io,
                                 cudaStream_t stream);

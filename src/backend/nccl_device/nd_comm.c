@@ -12,9 +12,9 @@
 #include "disco_nccl.h"
 
 #define ND_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
-/* Small device block: seq[2], fatal, plan (u64), done[4] (u32), sent[2] (u64),
- * then peer[W], step[W] (u32) and, 8-aligned, the work counters (u64). */
-#define ND_SMALL_PEER_OFF 64u
+/* Small device block: seq[2], fatal, plan (u64), done[4] (u32), sent[2], lay
+ * (u64), then peer[W], step[W] (u32) and, 8-aligned, the work counters (u64). */
+#define ND_SMALL_PEER_OFF 72u
 
 /* Pipelined dispatch from this many tokens on, with this share of the
  * blocks expanding (docs/nccl_device.md; env overrides for tuning). */
@@ -295,8 +295,9 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
       c->combine_wire == DISCO_COMBINE_WIRE_FP32 && c->dtype != DISCO_DTYPE_FP32;
   const int part_vecs = wire32 ? p->row_vecs * 2 : p->row_vecs;
   st->win_bytes = (size_t)disco_nd_window_layout(p, part_vecs, &st->nd);
-  rc = disco_nccl_cuda(disco_nd_max_grid(c->max_sms, &st->nd.max_grid), fn,
-                       "cudaOccupancyMaxActiveBlocksPerMultiprocessor", r);
+  rc = disco_nccl_cuda(
+      disco_nd_max_grid(p, c->max_sms, &st->nd.max_grid, &st->nd.fuse_smem), fn,
+      "cudaOccupancyMaxActiveBlocksPerMultiprocessor", r);
   if (rc != DISCO_SUCCESS) return rc;
   const size_t tpb = 32u * (size_t)p->layout_warps;
   const size_t bmax = c->max_tokens == 0 ? 1 : ((size_t)c->max_tokens + tpb - 1) / tpb;
@@ -336,6 +337,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.plan = (unsigned long long *)(sm + 24);
   st->nd.done = (unsigned *)(sm + 32);
   st->nd.sent = (unsigned long long *)(sm + 48);
+  st->nd.lay = (unsigned long long *)(sm + 64);
   st->nd.peer = (char *const *)(sm + ND_SMALL_PEER_OFF);
   st->nd.step = (unsigned *)(sm + ND_SMALL_PEER_OFF + (size_t)W * sizeof(char *));
   st->nd.ctr = (unsigned long long *)(sm + ctr_off);

@@ -49,10 +49,10 @@ disco_result_t disco_nd_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   disco_result_t rc = disco_nd_fatal(comm);
   if (rc != DISCO_SUCCESS) return rc;
   CK_CUDA(cudaSetDevice(st->device), "cudaSetDevice");
-  if (!reuse)
-    CK_CUDA(disco_k_layout(&kp, dp, args->topk_idx, args->index_type == DISCO_INDEX_INT64,
-                           args->num_tokens, stream),
-            "layout kernel");
+  if (!reuse) { /* the layout: its own kernel, or block 0 of the dispatch kernel */
+    io.topk_idx = args->topk_idx;
+    io.idx64 = args->index_type == DISCO_INDEX_INT64;
+  }
   if (layout_only) {
     kp.lerr = NULL; /* the host reads the statuses back itself */
     io.capacity = INT64_MAX;
