@@ -20,9 +20,9 @@ __device__ __forceinline__ long long disco_id(const void *idx, int idx64, long l
 /* Finalize, run by the last layout block to finish: scan of the per-block
  * counts per column, status, count messages. `tot`: shared [nc] then
  * status[5]. Reads what other blocks wrote through L2. */
-static __device__ void disco_finalize_body(const disco_kparams_t &p, const disco_dev_plan_t &pl,
-                                    const void *idx, int idx64, int nblk,
-                                    long long *tot) {
+static __device__ void disco_finalize_body(const disco_kparams_t &p,
+                                           const disco_dev_plan_t &pl, const void *idx,
+                                           int idx64, int nblk, long long *tot) {
   const int nc = p.num_cols, E = p.num_experts, K = p.top_k;
   long long *st = tot + nc;
   for (int c = threadIdx.x; c < nc; c += blockDim.x) {
@@ -74,9 +74,10 @@ static __device__ void disco_finalize_body(const disco_kparams_t &p, const disco
  * dynamic shared memory, disco_layout_smem bytes); the last block to finish
  * runs the finalize. Also run by block 0 of the nccl_device dispatch kernel
  * for a batch of one layout block (nblk = 1). */
-static __device__ void disco_layout_body(const disco_kparams_t &p, const disco_dev_plan_t &pl,
-                                         const void *idx, int idx64, int T, int blk,
-                                         int nblk, unsigned *smem) {
+static __device__ void disco_layout_body(const disco_kparams_t &p,
+                                         const disco_dev_plan_t &pl, const void *idx,
+                                         int idx64, int T, int blk, int nblk,
+                                         unsigned *smem) {
   const int nw = blockDim.x >> 5, nc = p.num_cols, K = p.top_k, E = p.num_experts;
   unsigned *mask = smem;           /* [nw, nc] lane bits */
   unsigned *base = smem + nw * nc; /* [nw, nc] tokens in earlier warps */

@@ -35,10 +35,13 @@ extern "C" unsigned long long disco_nd_window_layout(const disco_kparams_t *p,
 
 /* ---- dispatch ------------------------------------------------------------------ */
 
-/* One launch per dispatch after the layout kernel: send -> (flags) -> block 0
- * waits for every source and makes the receive plan -> every block expands
- * -> the last block acks. Blocks are co-resident (cooperative launch): they
- * wait for each other only through block 0's plan word and the counters. */
+/* The dispatch of fewer tokens than DISCO_ND_PIPE_MIN_TOKENS (and every
+ * counts-only or failed-rank call), one launch: [block 0 makes the layout]
+ * -> acks of the previous call -> block 0 sends the counts, the others the
+ * rows (flags by the last block) -> block 0 makes the receive plan once the
+ * counts are in, then waits for the rows -> every block expands -> the last
+ * block acks. Blocks are co-resident (cooperative launch): they wait for each
+ * other only through block 0's words (lay, plan) and the counters. */
 __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_dispatch_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
                        const uint4 *x, const float *w, int T, int layout, int align,
@@ -83,7 +86,9 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   for (int pass = 0; rows_on && st == 0 && (b > 0 || nb == 1) && pass <= late; pass++) {
     if (pass == 1) nd_sleep(nd.test_self_delay_ns);
     const int P = nd_parts(senders, T, p.row_vecs), S = DISCO_ND_THREADS;
-    unsigned long long *c = &nd.ctr[DISCO_ND_CTR_SEND + pass * DISCO_ND_CTR_EXPAND];
+    /* the hook's second pass borrows the expand's counter (reset below, before
+     * block 0 lets the expand start) */
+    unsigned long long *c = &nd.ctr[pass == 0 ? DISCO_ND_CTR_SEND : DISCO_ND_CTR_EXPAND];
     for (long long it = nd_share<S>(nd_ask<S>(c)), a; it < (long long)T * P;
          it = nd_share<S>(a)) {
       int lo, hi;
