@@ -31,6 +31,8 @@ void output_header(FILE *f, const options_t *o, int world, int plain) {
           (unsigned long long)o->seed,
           o->index_type == DISCO_INDEX_INT32 ? "int32" : "int64",
           o->weighted ? "weighted" : "unweighted");
+  if (o->graph)
+    fprintf(f, "# timing: CUDA graph replays where the backend can be captured\n");
   if (bench_machine.gpu[0])
     fprintf(f, "# host %s, GPU %s (x%d)\n", bench_machine.host, bench_machine.gpu,
             bench_machine.num_gpus);
