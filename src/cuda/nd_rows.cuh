@@ -12,8 +12,8 @@
 /* ---- dispatch ------------------------------------------------------------------ */
 
 /* Block 0: the count messages into every rank's slot r (self included), then
- * a DCNT flag per peer, so that a pipelined receiver can make its plan
- * before the rows are in (a plain receiver reads them after DFLAG). */
+ * a DCNT flag per peer, so that every receiver can make its plan before the
+ * rows are in. */
 static __device__ void nd_send_counts(const disco_kparams_t &p,
                                       const disco_nd_params_t &nd,
                                       const disco_dev_plan_t &pl, int status_in, int st,

@@ -151,12 +151,15 @@ disco_result_t disco_nd_mark(disco_comm_t *comm, cudaStream_t stream, const char
   return rc;
 }
 
-/* Device waits are bounded by timeout_ms each and a call has a few in a
- * row; the host allows for that before it calls the device stuck. */
+/* Device waits are bounded by timeout_ms each and a call has several in a
+ * row (the pipelined dispatch: acks, counts, then one per source: W + 1);
+ * the host allows for that before it calls the device stuck, so that slow
+ * but live peers are not reported as a timeout. */
 disco_result_t disco_nd_wait_last(disco_comm_t *comm, const char *fn) {
   disco_nd_state_t *st = comm->backend_state;
   if (!st->last_valid) return DISCO_SUCCESS;
-  const double deadline = nd_now_ms() + 4.0 * comm->timeout_ms + 1000.0;
+  const double limit_ms = (comm->world_size + 2.0) * comm->timeout_ms + 1000.0;
+  const double deadline = nd_now_ms() + limit_ms;
   for (unsigned it = 0;; it++) {
     cudaError_t e = cudaEventQuery(st->last);
     if (e == cudaSuccess) return DISCO_SUCCESS;
@@ -166,7 +169,7 @@ disco_result_t disco_nd_wait_last(disco_comm_t *comm, const char *fn) {
       return disco_error(DISCO_ERR_TIMEOUT,
                          "%s: the device work of the last call did not finish within %d "
                          "ms on rank %d",
-                         fn, (int)(4.0 * comm->timeout_ms + 1000.0), comm->rank);
+                         fn, (int)limit_ms, comm->rank);
     if ((it & 1023u) == 1023u) sched_yield();
   }
 }
