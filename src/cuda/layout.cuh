@@ -102,7 +102,7 @@ static __device__ void disco_layout_body(const disco_kparams_t &p,
 #pragma unroll
       for (int u = 0; u < DISCO_LAYOUT_REG; u++) {
         const int j = j0 + u;
-        if (j >= K) break;
+        if (j >= K) continue; /* (not break: the loop stays fully unrolled) */
         int bad = v[u] < -1 || v[u] >= E;
         if (!bad && v[u] >= 0) {
 #pragma unroll

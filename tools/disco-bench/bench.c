@@ -71,8 +71,10 @@ static double wall_us(void) {
 /* DISCO_BENCH_HOST_US=1: rank 0 also prints the median host time spent
  * inside the call (the part of the timed span the GPU may sit idle for,
  * since each iteration starts from an idle stream). */
-/* graph: time replays of a CUDA graph of the call (--graph, where the
- * backend can be captured) instead of the call itself. */
+/* Runs warm-up + timed iterations of fn and returns the median in us.
+ * graph: time replays of a CUDA graph of the call (--graph, where the
+ * backend can be captured) instead of the call itself; the call runs once
+ * uncaptured first (NCCL connects peers lazily, outside any capture). */
 static double timed_loop(rank_ctx_t *c, const char *what, op_fn fn, void *arg,
                          int graph) {
   const options_t *opt = c->opt;
@@ -82,6 +84,10 @@ static double timed_loop(rank_ctx_t *c, const char *what, op_fn fn, void *arg,
   void *g = NULL;
   double med;
   if (graph) {
+    c->d->sync(c);
+    c->g->barrier(c);
+    disco_result_t rc = fn(c, arg);
+    if (rc != DISCO_SUCCESS) fail_disco(c, what, rc, NULL);
     c->d->sync(c);
     c->g->barrier(c);
     g = c->d->graph_capture(c, fn, arg);
@@ -263,8 +269,9 @@ static void free_host_out(host_out_t *h) {
   free(h->out);
 }
 
+/* graph: as the disco calls of the case were timed (like for like). */
 static void plain_baseline(rank_ctx_t *c, const bench_case_t *bc, dev_bufs_t *b,
-                           const host_out_t *h, rank_result_t *res) {
+                           const host_out_t *h, rank_result_t *res, int graph) {
   const int w = c->world;
   const size_t elem = disco_dtype_size(bc->dtype);
   const size_t row = (size_t)bc->hidden * elem;
@@ -295,7 +302,6 @@ static void plain_baseline(rank_ctx_t *c, const bench_case_t *bc, dev_bufs_t *b,
   o.recv_bytes = db_r;
   o.sbuf = b->plain_s;
   o.rbuf = b->plain_r;
-  const int graph = c->opt->graph && c->d->graph_capture != NULL;
   res->plain_disp_us = timed_loop(c, "plain dispatch exchange", op_plain, &o, graph);
   o.send_bytes = cb_s;
   o.recv_bytes = cb_r;
@@ -462,8 +468,9 @@ void bench_case_run(rank_ctx_t *c, const bench_case_t *bc, rank_result_t *res) {
   res->disp_bytes = recv_tokens * (int64_t)row;
   res->comb_bytes = recv_tokens * (int64_t)row;
   res->recv_rows = h.rows_reported;
+  res->graph = graph;
 
-  if (d->plain_exchange) plain_baseline(c, bc, &b, &h, res);
+  if (d->plain_exchange) plain_baseline(c, bc, &b, &h, res, graph);
   if (opt->check) check_case(c, bc, &cfg, &h, res);
 
   void *bufs[] = {b.x,      b.idx,    b.w,       b.recv_x, b.src_rank, b.src_token,

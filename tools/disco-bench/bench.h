@@ -103,6 +103,7 @@ typedef struct rank_result {
   int64_t recv_rows;  /* num_recv_rows as returned */
   int64_t wrong_disp; /* -1: not checked */
   int64_t wrong_comb;
+  int64_t graph; /* 1: times are CUDA graph replays (--graph) */
 } rank_result_t;
 
 /* One row of the table: rank 0's summary of all ranks. */

@@ -187,6 +187,7 @@ int output_json(const char *path, const options_t *o, const machine_info_t *m,
       fprintf(
           f, ", \"dispatch_bytes\": %lld, \"combine_bytes\": %lld, \"recv_rows\": %lld",
           (long long)p->disp_bytes, (long long)p->comb_bytes, (long long)p->recv_rows);
+      fprintf(f, ", \"graph\": %s", p->graph ? "true" : "false");
       if (p->wrong_disp < 0)
         fputs(", \"wrong_dispatch\": null, \"wrong_combine\": null}", f);
       else
