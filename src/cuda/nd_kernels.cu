@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                        int64_t *num_rows_out, long long cap, const void *idx, int idx64,
                        int fuse) {
   if (nd_dead(nd)) return;
-  const int W = p.world, r = p.rank, ml = p.msg_len, b = blockIdx.x, nb = gridDim.x;
+  const int W = p.world, r = p.rank, b = blockIdx.x, nb = gridDim.x;
   const int rank_major = layout == DISCO_LAYOUT_RANK_MAJOR;
   const u64 s = nd.seq[0] + 1ull;
   const u64 call = (u64)call_kind << 32 | (s & 0xffffffffull);
@@ -101,10 +101,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   if (nd_last_block(&nd.done[0])) {
     nd.ctr[DISCO_ND_CTR_SEND] = 0ull;
     nd.ctr[DISCO_ND_CTR_EXPAND] = 0ull; /* the hook's second pass */
-    for (int d = 0; d < W; d++)
-      if (d != r)
-        nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_DFLAG, r),
-                      s << 8 | (u64)(st & 255));
+    nd_flag_peers(nd, W, r, DISCO_ND_DFLAG, s << 8 | (u64)(st & 255));
     nd_st_release_gpu(&nd.sent[0], s); /* our own slot's rows and metadata too */
     nd_trace(nd, 0, s, 3);
   }
@@ -115,20 +112,14 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     ok = nd_wait_all(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad, &code);
     if (tr) nd_trace(nd, 0, s, 2);
     if (!ok) return;
-    const int n = W * ml;
-    const long long *cnt = (const long long *)(nd.local + nd.off_cnt);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) pl.msg[n + i] = __ldcg(cnt + i);
-    __syncthreads();
-    disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap,
-                         (long long)call);
+    nd_make_plan(p, nd, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap, call);
     ok = nd_wait_all(p, nd, DISCO_ND_DFLAG, s, DISCO_ND_PHASE_DFLAG, call, &bad, &code);
     if (threadIdx.x == 0) ok = ok && nd_wait_block0(nd, &nd.sent[0], s);
     if (tr) nd_trace(nd, 0, s, 4);
     if (!nd_block_all(ok)) return;
     if (threadIdx.x == 0) {
       __threadfence();
-      asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(nd.plan), "l"(s)
-                   : "memory");
+      nd_st_release_gpu(nd.plan, s);
       nd_trace(nd, 0, s, 5);
     }
   } else {
@@ -150,8 +141,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   if (tr) nd_trace(nd, 0, s, 6);
   /* 5. Done reading the slots: ack every source; next call's sequence. */
   if (nd_last_block(&nd.done[2])) {
-    for (int q = 0; q < W; q++)
-      if (q != r) nd_st_release(nd_flag(nd, nd.peer[q], W, DISCO_ND_DACK, r), s << 8);
+    nd_flag_peers(nd, W, r, DISCO_ND_DACK, s << 8);
     nd.ctr[DISCO_ND_CTR_EXPAND] = 0ull;
     nd.seq[0] = s;
     nd_trace(nd, 0, s, 7);
@@ -228,10 +218,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   if (nd_last_block(&nd.done[1])) {
     nd.ctr[DISCO_ND_CTR_CSEND] = 0ull;
     nd.ctr[DISCO_ND_CTR_TOKEN] = 0ull; /* the hook's second pass */
-    for (int d = 0; d < W; d++)
-      if (d != r)
-        nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_CFLAG, r),
-                      c << 8 | (u64)(st & 255));
+    nd_flag_peers(nd, W, r, DISCO_ND_CFLAG, c << 8 | (u64)(st & 255));
     nd_st_release_gpu(&nd.sent[1], c); /* our own partials too */
     nd_trace(nd, 1, c, 3);
   }
@@ -266,8 +253,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   if (tr) nd_trace(nd, 1, c, 5);
   if (nd_last_block(&nd.done[3])) {
     nd.ctr[DISCO_ND_CTR_TOKEN] = 0ull;
-    for (int d = 0; d < W; d++)
-      if (d != r) nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_CACK, r), c << 8);
+    nd_flag_peers(nd, W, r, DISCO_ND_CACK, c << 8);
     nd.seq[1] = c;
     nd_trace(nd, 1, c, 6);
   }

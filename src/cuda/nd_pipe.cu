@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                             int64_t *num_rows_out, long long cap, const void *idx,
                             int idx64, int fuse) {
   if (nd_dead(nd)) return;
-  const int W = p.world, r = p.rank, ml = p.msg_len, b = blockIdx.x, nb = gridDim.x;
+  const int W = p.world, r = p.rank, b = blockIdx.x, nb = gridDim.x;
   const int rank_major = layout == DISCO_LAYOUT_RANK_MAJOR;
   int nx = (int)((long long)nb * nd.expand_pct / 100); /* expander blocks */
   nx = nx < 1 ? 1 : nx > nb - 1 ? nb - 1 : nx;         /* the launcher ensures nb >= 2 */
@@ -101,12 +101,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_send_counts(p, nd, pl, status_in, st, s);
     ok = nd_wait_all(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad, &code);
     if (!ok) return;
-    const int n = W * ml;
-    const long long *cnt = (const long long *)(nd.local + nd.off_cnt);
-    for (int i = threadIdx.x; i < n; i += blockDim.x) pl.msg[n + i] = __ldcg(cnt + i);
-    __syncthreads();
-    disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap,
-                         (long long)call);
+    nd_make_plan(p, nd, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap, call);
     __syncthreads();
     if (threadIdx.x == 0) {
       __threadfence();
@@ -141,10 +136,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_pad_rows(p, pl, b, nx, recv_x, src_rank, src_token, expert, weight);
   if (tr) nd_trace(nd, 2, s, 5);
   if (nd_last_of(&nd.done[2], (unsigned)nx)) {
-    for (int q = 0; q < W; q++) {
-      nd.ctr[DISCO_ND_CTR_SRC(W, q)] = 0ull;
-      if (q != r) nd_st_release(nd_flag(nd, nd.peer[q], W, DISCO_ND_DACK, r), s << 8);
-    }
+    for (int q = 0; q < W; q++) nd.ctr[DISCO_ND_CTR_SRC(W, q)] = 0ull;
+    nd_flag_peers(nd, W, r, DISCO_ND_DACK, s << 8);
     nd.seq[0] = s;
     nd_trace(nd, 2, s, 6);
   }

@@ -7,9 +7,24 @@
 
 #include "cuda/meta.cuh"
 #include "cuda/nd_sync.cuh"
+#include "cuda/recv_plan.cuh"
 #include "cuda/rowmath.cuh"
 
 /* ---- dispatch ------------------------------------------------------------------ */
+
+/* Block 0, once every rank's DCNT flag is in: the received count messages
+ * into pl.msg's receive half, then the receive plan. */
+static __device__ void nd_make_plan(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                                    const disco_dev_plan_t &pl, int layout, int align,
+                                    int32_t *n_to, int32_t *n_from, int32_t *tpe,
+                                    int64_t *num_rows_out, long long cap, u64 call) {
+  const int n = p.world * p.msg_len;
+  const long long *cnt = (const long long *)(nd.local + nd.off_cnt);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) pl.msg[n + i] = __ldcg(cnt + i);
+  __syncthreads();
+  disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap,
+                       (long long)call);
+}
 
 /* Block 0: the count messages into every rank's slot r (self included), then
  * a DCNT flag per peer, so that every receiver can make its plan before the
@@ -31,10 +46,7 @@ static __device__ void nd_send_counts(const disco_kparams_t &p,
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence_system();
-    for (int d = 0; d < W; d++)
-      if (d != r)
-        nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_DCNT, r),
-                      s << 8 | (u64)(st & 255));
+    nd_flag_peers(nd, W, r, DISCO_ND_DCNT, s << 8 | (u64)(st & 255));
   }
 }
 

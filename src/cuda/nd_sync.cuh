@@ -38,6 +38,14 @@ __device__ __forceinline__ u64 *nd_flag(const disco_nd_params_t &nd, char *base,
   return (u64 *)(base + nd.off_flags) + (long long)kind * W + q;
 }
 
+/* Flag `kind` of this rank r at every peer (not itself): v. One thread. */
+__device__ __forceinline__ void nd_flag_peers(const disco_nd_params_t &nd, int W, int r,
+                                              int kind, u64 v) {
+#pragma unroll 1
+  for (int d = 0; d < W; d++)
+    if (d != r) nd_st_release(nd_flag(nd, nd.peer[d], W, kind, r), v);
+}
+
 /* Latches the fatal TIMEOUT (first one wins) and tells every peer that this
  * rank gave up, so that a peer arriving late fails fast instead of waiting
  * for flags that will never come. */

@@ -352,8 +352,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   if (delay != NULL && atoll(delay) > 0)
     st->nd.test_self_delay_ns = (unsigned long long)atoll(delay) * 1000ull;
   /* Tuning aid: DISCO_ND_TUNE bits turn kernel defaults off (nd_kernels.h). */
-  const char *tune = getenv("DISCO_ND_TUNE");
-  if (tune != NULL) st->nd.tune = atoi(tune);
+  st->nd.tune = nd_env_int("DISCO_ND_TUNE", 0, 0);
   st->nd.pipe_min = nd_env_int("DISCO_ND_PIPE_MIN_TOKENS", ND_PIPE_MIN_TOKENS, 1);
   st->nd.expand_pct = nd_env_int("DISCO_ND_EXPAND_PCT", ND_EXPAND_PCT, 1);
   if (st->nd.expand_pct > 99) st->nd.expand_pct = 99;
