@@ -13,6 +13,8 @@
 
 #include "cuda/kernels.h"
 
+#define DISCO_LAYOUT_REG 8 /* slots per token kept in registers between passes */
+
 __device__ __forceinline__ long long disco_id(const void *idx, int idx64, long long i) {
   return idx64 ? ((const long long *)idx)[i] : (long long)((const int *)idx)[i];
 }
@@ -86,23 +88,40 @@ static __device__ void disco_layout_body(const disco_kparams_t &p,
   const int t = blk * blockDim.x + threadIdx.x;
   for (int i = threadIdx.x; i < nw * nc; i += blockDim.x) mask[i] = 0u;
   __syncthreads();
+  /* A token's first DISCO_LAYOUT_REG slots stay in registers between the
+   * passes: loads issued together, no read-back of pl.slot (each of those was
+   * an L2 round trip in a row, ~1 us per slot in one block). */
+  int ereg[DISCO_LAYOUT_REG];
   if (t < T) {
     const long long row = (long long)t * K;
-    for (int j = 0; j < K; j++) {
-      long long v = disco_id(idx, idx64, row + j);
-      int bad = v < -1 || v >= E;
-      if (!bad && v >= 0)
-        for (int i = 0; i < j; i++)
-          if (disco_id(idx, idx64, row + i) == v) bad = 1;
-      int e = -1;
-      if (bad) {
-        atomicMin(p.err_key, (unsigned long long)(row + j));
-      } else if (v >= 0) {
-        e = (int)v;
-        atomicOr(&mask[warp * nc + e], bit);
-        atomicOr(&mask[warp * nc + E + e / p.num_local], bit);
+    for (int j0 = 0; j0 < K; j0 += DISCO_LAYOUT_REG) {
+      long long v[DISCO_LAYOUT_REG];
+#pragma unroll
+      for (int u = 0; u < DISCO_LAYOUT_REG; u++)
+        v[u] = j0 + u < K ? disco_id(idx, idx64, row + j0 + u) : -1;
+#pragma unroll
+      for (int u = 0; u < DISCO_LAYOUT_REG; u++) {
+        const int j = j0 + u;
+        if (j >= K) continue; /* (not break: the loop stays fully unrolled) */
+        int bad = v[u] < -1 || v[u] >= E;
+        if (!bad && v[u] >= 0) {
+#pragma unroll
+          for (int i = 0; i < u; i++)
+            if (v[i] == v[u]) bad = 1;
+          for (int i = 0; i < j0; i++) /* K > DISCO_LAYOUT_REG only */
+            if (disco_id(idx, idx64, row + i) == v[u]) bad = 1;
+        }
+        int e = -1;
+        if (bad) {
+          atomicMin(p.err_key, (unsigned long long)(row + j));
+        } else if (v[u] >= 0) {
+          e = (int)v[u];
+          atomicOr(&mask[warp * nc + e], bit);
+          atomicOr(&mask[warp * nc + E + e / p.num_local], bit);
+        }
+        pl.slot[row + j] = e;
+        if (j0 == 0) ereg[u] = e;
       }
-      pl.slot[row + j] = e;
     }
   }
   __syncthreads();
@@ -119,8 +138,14 @@ static __device__ void disco_layout_body(const disco_kparams_t &p,
     const unsigned lt = bit - 1u;
     const unsigned *m = mask + warp * nc, *b = base + warp * nc;
     const long long row = (long long)t * K;
-    for (int j = 0; j < K; j++) {
-      int e = pl.slot[row + j];
+#pragma unroll
+    for (int j = 0; j < DISCO_LAYOUT_REG; j++)
+      if (j < K) {
+        const int e = ereg[j];
+        pl.slot_pos[row + j] = e < 0 ? -1 : (int)(b[e] + __popc(m[e] & lt));
+      }
+    for (int j = DISCO_LAYOUT_REG; j < K; j++) {
+      const int e = pl.slot[row + j];
       pl.slot_pos[row + j] = e < 0 ? -1 : (int)(b[e] + __popc(m[e] & lt));
     }
     /* Destinations ascending and deduplicated: walk the rank columns. */
@@ -140,14 +165,18 @@ static __device__ void disco_layout_body(const disco_kparams_t &p,
    * reduction: counts and error keys are visible once the counter says all
    * blocks are done) and writes the count messages. */
   __shared__ int last;
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(p.blk_done, 1u) == (unsigned)nblk - 1u;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
+  if (nblk > 1) { /* one block: its own writes are ordered by the barrier */
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(p.blk_done, 1u) == (unsigned)nblk - 1u;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+  } else {
+    __syncthreads();
+  }
   disco_finalize_body(p, pl, idx, idx64, nblk, (long long *)smem);
-  if (threadIdx.x == 0) *p.blk_done = 0u; /* ready for the next dispatch */
+  if (threadIdx.x == 0 && nblk > 1) *p.blk_done = 0u; /* ready for the next dispatch */
 }
 
 /* Dynamic shared memory of a layout block. */

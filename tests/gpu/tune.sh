@@ -2,7 +2,8 @@
 # A/B of nccl_device kernel variants on one machine: disco-bench at the
 # issue-6 shapes once per DISCO_ND_TUNE value, with DISCO_ND_TRACE=1 phase
 # timings (rank 0..W-1 lines), all into one file.
-# usage: tests/gpu/tune.sh OUTFILE [VARIANT...]   (env: BUILD, SHAPES="-t ... -k ...")
+# usage: tests/gpu/tune.sh OUTFILE [VARIANT...]
+#        (env: BUILD, SHAPES="-t ... -k ...", BENCH_ARGS: more disco-bench options)
 # A variant is a DISCO_ND_TUNE value, or NAME=value[,NAME=value...] settings.
 set -u -o pipefail
 OUTF=$1
@@ -20,7 +21,8 @@ for v in "${@:-0}"; do
     echo "### $vars $shape" >> "$OUTF"
     # shellcheck disable=SC2086
     env $vars DISCO_ND_TRACE=1 DISCO_BENCH_HOST_US=1 timeout 120 "$B" --backend nccl_device \
-      $shape -d bf16 -l expert -r uniform -c dtype -n 30 -W 5 --no-check >> "$OUTF" 2>&1 ||
+      $shape -d bf16 -l expert -r uniform -c dtype -n 30 -W 5 --no-check ${BENCH_ARGS:-} \
+      >> "$OUTF" 2>&1 ||
       echo "### rc=$?" >> "$OUTF"
   done
 done

@@ -61,7 +61,6 @@ static void *xcalloc(rank_ctx_t *c, size_t n, size_t sz) {
 }
 
 /* Runs warm-up + timed iterations of fn and returns the median in us. */
-typedef disco_result_t (*op_fn)(rank_ctx_t *c, void *arg);
 
 static double wall_us(void) {
   struct timespec ts;
@@ -72,23 +71,43 @@ static double wall_us(void) {
 /* DISCO_BENCH_HOST_US=1: rank 0 also prints the median host time spent
  * inside the call (the part of the timed span the GPU may sit idle for,
  * since each iteration starts from an idle stream). */
-static double timed_loop(rank_ctx_t *c, const char *what, op_fn fn, void *arg) {
+/* Runs warm-up + timed iterations of fn and returns the median in us.
+ * graph: time replays of a CUDA graph of the call (--graph, where the
+ * backend can be captured) instead of the call itself; the call runs once
+ * uncaptured first (NCCL connects peers lazily, outside any capture). */
+static double timed_loop(rank_ctx_t *c, const char *what, op_fn fn, void *arg,
+                         int graph) {
   const options_t *opt = c->opt;
   double *us = xcalloc(c, (size_t)opt->iters, sizeof(double));
   double *host = xcalloc(c, (size_t)opt->iters, sizeof(double));
   const char *env = getenv("DISCO_BENCH_HOST_US");
+  void *g = NULL;
   double med;
+  if (graph) {
+    c->d->sync(c);
+    c->g->barrier(c);
+    disco_result_t rc = fn(c, arg);
+    if (rc != DISCO_SUCCESS) fail_disco(c, what, rc, NULL);
+    c->d->sync(c);
+    c->g->barrier(c);
+    g = c->d->graph_capture(c, fn, arg);
+  }
   for (int i = -opt->warmup; i < opt->iters; i++) {
     c->d->sync(c);
     c->g->barrier(c);
     if (i >= 0) c->d->timer_begin(c, i);
     const double h0 = wall_us();
-    disco_result_t rc = fn(c, arg);
+    disco_result_t rc = DISCO_SUCCESS;
+    if (g != NULL)
+      c->d->graph_launch(c, g);
+    else
+      rc = fn(c, arg);
     if (i >= 0) host[i] = wall_us() - h0;
     if (i >= 0) c->d->timer_end(c, i);
     if (rc != DISCO_SUCCESS) fail_disco(c, what, rc, NULL);
   }
   c->d->sync(c);
+  if (g != NULL) c->d->graph_free(c, g);
   c->d->timer_read(c, opt->iters, us);
   med = median(us, opt->iters);
   if (env != NULL && atoi(env) > 0 && c->rank == 0)
@@ -250,8 +269,9 @@ static void free_host_out(host_out_t *h) {
   free(h->out);
 }
 
+/* graph: as the disco calls of the case were timed (like for like). */
 static void plain_baseline(rank_ctx_t *c, const bench_case_t *bc, dev_bufs_t *b,
-                           const host_out_t *h, rank_result_t *res) {
+                           const host_out_t *h, rank_result_t *res, int graph) {
   const int w = c->world;
   const size_t elem = disco_dtype_size(bc->dtype);
   const size_t row = (size_t)bc->hidden * elem;
@@ -282,10 +302,10 @@ static void plain_baseline(rank_ctx_t *c, const bench_case_t *bc, dev_bufs_t *b,
   o.recv_bytes = db_r;
   o.sbuf = b->plain_s;
   o.rbuf = b->plain_r;
-  res->plain_disp_us = timed_loop(c, "plain dispatch exchange", op_plain, &o);
+  res->plain_disp_us = timed_loop(c, "plain dispatch exchange", op_plain, &o, graph);
   o.send_bytes = cb_s;
   o.recv_bytes = cb_r;
-  res->plain_comb_us = timed_loop(c, "plain combine exchange", op_plain, &o);
+  res->plain_comb_us = timed_loop(c, "plain combine exchange", op_plain, &o, graph);
   free(db_s);
   free(db_r);
   free(cb_s);
@@ -389,7 +409,10 @@ void bench_case_run(rank_ctx_t *c, const bench_case_t *bc, rank_result_t *res) {
   o.comm = comm;
   o.handle = handle;
   o.da = da;
-  res->disp_us = timed_loop(c, "disco_dispatch", op_dispatch, &o);
+  /* --graph: only where the backend is capturable (no host sync) */
+  const int graph = opt->graph && d->graph_capture != NULL &&
+                    (disco_comm_caps(comm) & DISCO_CAP_GRAPH) != 0;
+  res->disp_us = timed_loop(c, "disco_dispatch", op_dispatch, &o, graph);
   check_device_errors(c, comm, "disco_dispatch (disco_comm_check)");
 
   /* read back every dispatch output */
@@ -433,7 +456,7 @@ void bench_case_run(rank_ctx_t *c, const bench_case_t *bc, rank_result_t *res) {
   ca.weighted = opt->weighted;
   ca.stream = c->stream;
   o.ca = ca;
-  res->comb_us = timed_loop(c, "disco_combine", op_combine, &o);
+  res->comb_us = timed_loop(c, "disco_combine", op_combine, &o, graph);
   check_device_errors(c, comm, "disco_combine (disco_comm_check)");
   h.out = xcalloc(c, (size_t)bc->tokens, row);
   d->d2h(c, h.out, b.out, (size_t)bc->tokens * row);
@@ -445,8 +468,9 @@ void bench_case_run(rank_ctx_t *c, const bench_case_t *bc, rank_result_t *res) {
   res->disp_bytes = recv_tokens * (int64_t)row;
   res->comb_bytes = recv_tokens * (int64_t)row;
   res->recv_rows = h.rows_reported;
+  res->graph = graph;
 
-  if (d->plain_exchange) plain_baseline(c, bc, &b, &h, res);
+  if (d->plain_exchange) plain_baseline(c, bc, &b, &h, res, graph);
   if (opt->check) check_case(c, bc, &cfg, &h, res);
 
   void *bufs[] = {b.x,      b.idx,    b.w,       b.recv_x, b.src_rank, b.src_token,

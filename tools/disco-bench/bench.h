@@ -71,6 +71,7 @@ typedef struct options {
   int warmup;
   int check;
   int weighted; /* dispatch with topk_weights and a weighted combine */
+  int graph;    /* time CUDA graph replays of each call (GPU backends) */
   int timeout_ms;
   int64_t corrupt; /* testing aid: flip bits in this many received elements */
   const char *json_path;
@@ -102,6 +103,7 @@ typedef struct rank_result {
   int64_t recv_rows;  /* num_recv_rows as returned */
   int64_t wrong_disp; /* -1: not checked */
   int64_t wrong_comb;
+  int64_t graph; /* 1: times are CUDA graph replays (--graph) */
 } rank_result_t;
 
 /* One row of the table: rank 0's summary of all ranks. */
@@ -148,6 +150,9 @@ typedef struct group_ops {
 } group_ops_t;
 
 /* Memory, clocks and communicators of one backend. */
+/* One timed operation of a case (a disco call or the plain exchange). */
+typedef disco_result_t (*op_fn)(rank_ctx_t *c, void *arg);
+
 typedef struct dev_ops {
   const char *name;
   int device_memory;
@@ -167,6 +172,11 @@ typedef struct dev_ops {
    * Buffers are packed in peer order. */
   void (*plain_exchange)(rank_ctx_t *c, const size_t *send_bytes, const void *sbuf,
                          const size_t *recv_bytes, void *rbuf);
+  /* A CUDA graph of one op on the rank's stream (NULL: not available): made
+   * once, then replayed in place of the call; freed after the loop. */
+  void *(*graph_capture)(rank_ctx_t *c, op_fn fn, void *arg);
+  void (*graph_launch)(rank_ctx_t *c, void *graph);
+  void (*graph_free)(rank_ctx_t *c, void *graph);
 } dev_ops_t;
 
 struct rank_ctx {

@@ -270,6 +270,9 @@ const dev_ops_t host_dev_ops = {
     host_comm_create,
     host_comm_destroy,
     NULL,
+    NULL,
+    NULL,
+    NULL,
 };
 
 static int host_dev_init(rank_ctx_t *c, backend_kind_t backend, local_shared_t *ls) {

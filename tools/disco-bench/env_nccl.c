@@ -123,14 +123,45 @@ static void cuda_plain(rank_ctx_t *c, const size_t *send_bytes, const void *sbuf
   NCCL_OK(c, ncclGroupEnd());
 }
 
+static void *cuda_graph_capture(rank_ctx_t *c, op_fn fn, void *arg) {
+  cuda_dev_t *cd = c->dstate;
+  cudaGraph_t g = NULL;
+  cudaGraphExec_t ge = NULL;
+  CUDA_OK(c, cudaStreamBeginCapture(cd->stream, cudaStreamCaptureModeThreadLocal));
+  const disco_result_t rc = fn(c, arg);
+  CUDA_OK(c, cudaStreamEndCapture(cd->stream, &g));
+  if (rc != DISCO_SUCCESS) fail_disco(c, "the captured call", rc, NULL);
+  CUDA_OK(c, cudaGraphInstantiate(&ge, g, 0));
+  CUDA_OK(c, cudaGraphDestroy(g));
+  return ge;
+}
+
+static void cuda_graph_launch(rank_ctx_t *c, void *graph) {
+  cuda_dev_t *cd = c->dstate;
+  CUDA_OK(c, cudaGraphLaunch((cudaGraphExec_t)graph, cd->stream));
+}
+
+static void cuda_graph_free(rank_ctx_t *c, void *graph) {
+  CUDA_OK(c, cudaGraphExecDestroy((cudaGraphExec_t)graph));
+}
+
 static const dev_ops_t cuda_dev_ops = {
-    "cuda",           1,
-    cuda_alloc,       cuda_free,
-    cuda_h2d,         cuda_d2h,
-    cuda_sync,        cuda_timer_begin,
-    cuda_timer_end,   cuda_timer_read,
-    cuda_comm_create, cuda_comm_destroy,
+    "cuda",
+    1,
+    cuda_alloc,
+    cuda_free,
+    cuda_h2d,
+    cuda_d2h,
+    cuda_sync,
+    cuda_timer_begin,
+    cuda_timer_end,
+    cuda_timer_read,
+    cuda_comm_create,
+    cuda_comm_destroy,
     cuda_plain,
+    cuda_graph_capture,
+    cuda_graph_launch,
+    cuda_graph_free,
 };
 
 /* Per-rank device state; the NCCL communicator already exists. */

@@ -50,6 +50,8 @@ static const char usage_text[] =
     "  -W, --warmup N        warm-up iterations         (default 5)\n"
     "      --check           compare every output with the reference (default)\n"
     "      --no-check        skip the comparison\n"
+    "      --graph           time replays of a CUDA graph of each call (nccl_device;\n"
+    "                        the plain exchange too) instead of the calls\n"
     "  -j, --json FILE       also write the results as a JSON array\n"
     "  -s, --seed N          input seed                 (default 1)\n"
     "      --timeout-ms N    disco config timeout_ms    (default 0 = library's)\n"
@@ -179,6 +181,7 @@ static void parse_routing(const char *opt, const char *item, routing_t *r) {
 enum {
   OPT_CHECK = 256,
   OPT_NO_CHECK,
+  OPT_GRAPH,
   OPT_INDEX,
   OPT_UNWEIGHTED,
   OPT_TIMEOUT,
@@ -207,6 +210,7 @@ static void parse_options(int argc, char **argv, options_t *o) {
       {"warmup", required_argument, NULL, 'W'},
       {"check", no_argument, NULL, OPT_CHECK},
       {"no-check", no_argument, NULL, OPT_NO_CHECK},
+      {"graph", no_argument, NULL, OPT_GRAPH},
       {"json", required_argument, NULL, 'j'},
       {"seed", required_argument, NULL, 's'},
       {"timeout-ms", required_argument, NULL, OPT_TIMEOUT},
@@ -366,6 +370,9 @@ static void parse_options(int argc, char **argv, options_t *o) {
         break;
       case OPT_NO_CHECK:
         o->check = 0;
+        break;
+      case OPT_GRAPH:
+        o->graph = 1;
         break;
       case 'j':
         if (!*optarg) usage_error("--json: empty file name");

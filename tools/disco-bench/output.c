@@ -31,6 +31,8 @@ void output_header(FILE *f, const options_t *o, int world, int plain) {
           (unsigned long long)o->seed,
           o->index_type == DISCO_INDEX_INT32 ? "int32" : "int64",
           o->weighted ? "weighted" : "unweighted");
+  if (o->graph)
+    fprintf(f, "# timing: CUDA graph replays where the backend can be captured\n");
   if (bench_machine.gpu[0])
     fprintf(f, "# host %s, GPU %s (x%d)\n", bench_machine.host, bench_machine.gpu,
             bench_machine.num_gpus);
@@ -185,6 +187,7 @@ int output_json(const char *path, const options_t *o, const machine_info_t *m,
       fprintf(
           f, ", \"dispatch_bytes\": %lld, \"combine_bytes\": %lld, \"recv_rows\": %lld",
           (long long)p->disp_bytes, (long long)p->comb_bytes, (long long)p->recv_rows);
+      fprintf(f, ", \"graph\": %s", p->graph ? "true" : "false");
       if (p->wrong_disp < 0)
         fputs(", \"wrong_dispatch\": null, \"wrong_combine\": null}", f);
       else

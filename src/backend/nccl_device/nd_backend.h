@@ -36,8 +36,8 @@ typedef struct disco_nd_plan {
 } disco_nd_plan_t;
 
 /* nd_setup.cu */
-ncclResult_t disco_nd_dev_create(ncclComm_t comm, ncclWindow_t win, int world,
-                                 char **peer, void **dev_comm, int *all_lsa,
+ncclResult_t disco_nd_dev_create(ncclComm_t comm, ncclWindow_t win, int world, int rank,
+                                 char *local, char **peer, void **dev_comm, int *all_lsa,
                                  int *lsa_size);
 ncclResult_t disco_nd_dev_destroy(ncclComm_t comm, void *dev_comm);
 

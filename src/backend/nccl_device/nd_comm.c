@@ -406,10 +406,10 @@ disco_result_t disco_comm_create_nccl_device(ncclComm_t nccl_comm,
   if (rc != DISCO_SUCCESS) goto fail; /* NCCL failed on every rank or it is stuck */
   st->win_registered = 1;
   int all_lsa = 0, lsa_size = 0;
-  rc =
-      disco_nccl_nccl(disco_nd_dev_create(nccl_comm, st->win, world, (char **)st->nd.peer,
-                                          &st->dev_comm, &all_lsa, &lsa_size),
-                      fn, "ncclDevCommCreate", rank);
+  rc = disco_nccl_nccl(
+      disco_nd_dev_create(nccl_comm, st->win, world, rank, st->win_mem,
+                          (char **)st->nd.peer, &st->dev_comm, &all_lsa, &lsa_size),
+      fn, "ncclDevCommCreate", rank);
   if (rc != DISCO_SUCCESS) goto fail;
   if (!all_lsa) {
     rc =

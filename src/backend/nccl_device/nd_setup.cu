@@ -8,15 +8,20 @@
 
 #include "backend/nccl_device/nd_backend.h"
 
-/* peer[p] = rank p's window base as mapped on this GPU. */
-__global__ void nd_peer_kernel(ncclWindow_t win, const int *lsa_of, int world,
-                               char **peer) {
+/* peer[p] = rank p's window base as mapped on this GPU; our own is the
+ * window's local address (`local`), the one our reads use: the LSA pointer
+ * of self would be a second virtual mapping of the same memory. */
+__global__ void nd_peer_kernel(ncclWindow_t win, const int *lsa_of, int world, int rank,
+                               char *local, char **peer) {
   for (int p = threadIdx.x; p < world; p += blockDim.x)
-    peer[p] = lsa_of[p] < 0 ? NULL : (char *)ncclGetLsaPointer(win, 0, lsa_of[p]);
+    peer[p] = p == rank       ? local
+              : lsa_of[p] < 0 ? NULL
+                              : (char *)ncclGetLsaPointer(win, 0, lsa_of[p]);
 }
 
 extern "C" ncclResult_t disco_nd_dev_create(ncclComm_t comm, ncclWindow_t win, int world,
-                                            char **peer, void **dev_comm, int *all_lsa,
+                                            int rank, char *local, char **peer,
+                                            void **dev_comm, int *all_lsa,
                                             int *lsa_size) {
   ncclDevComm *dc = (ncclDevComm *)calloc(1, sizeof(ncclDevComm));
   int *lsa_of = (int *)calloc((size_t)world, sizeof(int));
@@ -66,7 +71,7 @@ extern "C" ncclResult_t disco_nd_dev_create(ncclComm_t comm, ncclWindow_t win, i
           cudaSuccess) {
     r = ncclUnhandledCudaError;
   } else {
-    nd_peer_kernel<<<1, 128>>>(win, dev_lsa, world, peer);
+    nd_peer_kernel<<<1, 128>>>(win, dev_lsa, world, rank, local, peer);
     if (cudaGetLastError() != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess)
       r = ncclUnhandledCudaError;
   }
