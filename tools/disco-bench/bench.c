@@ -4,7 +4,9 @@
  *   inputs -> comm + handle -> buffers (allocated once, inputs copied once)
  *   -> timed dispatch loop -> read back -> synthetic experts (y)
  *   -> timed combine loop -> read back -> plain baseline (nccl) -> --check
- * Each timed iteration: wait for the stream, barrier, timer, call, timer.
+ * Each timed iteration: wait for the stream, barrier, timer, call, timer
+ * (idle-stream timing); with --back-to-back only the warm-up iterations and
+ * the first timed one start that way, the others are queued right behind.
  */
 #include "bench.h"
 
@@ -60,8 +62,6 @@ static void *xcalloc(rank_ctx_t *c, size_t n, size_t sz) {
   return p;
 }
 
-/* Runs warm-up + timed iterations of fn and returns the median in us. */
-
 static double wall_us(void) {
   struct timespec ts;
   clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -69,15 +69,25 @@ static double wall_us(void) {
 }
 
 /* DISCO_BENCH_HOST_US=1: rank 0 also prints the median host time spent
- * inside the call (the part of the timed span the GPU may sit idle for,
- * since each iteration starts from an idle stream). */
+ * inside the call (with idle-stream timing, the part of the timed span the
+ * GPU may sit idle for, since each iteration starts from an idle stream). */
 /* Runs warm-up + timed iterations of fn and returns the median in us.
+ * Idle-stream timing (default): every iteration waits for the stream and
+ * passes a barrier first, so its span includes the host's time in the call
+ * and the ranks' launch skew. --back-to-back: warm-up as above, one sync and
+ * barrier, then the timed iterations are issued one after the other with no
+ * sync or barrier between them (how the DeepEP and NCCL EP figures were
+ * taken): once the GPU queue runs ahead of the host, an event pair spans the
+ * call's device time only. Host backends return from a call only when it is
+ * done, so there it just drops the barriers; their calls are collective and
+ * keep the ranks in step by themselves.
  * graph: time replays of a CUDA graph of the call (--graph, where the
  * backend can be captured) instead of the call itself; the call runs once
  * uncaptured first (NCCL connects peers lazily, outside any capture). */
 static double timed_loop(rank_ctx_t *c, const char *what, op_fn fn, void *arg,
                          int graph) {
   const options_t *opt = c->opt;
+  const int back_to_back = opt->back_to_back;
   double *us = xcalloc(c, (size_t)opt->iters, sizeof(double));
   double *host = xcalloc(c, (size_t)opt->iters, sizeof(double));
   const char *env = getenv("DISCO_BENCH_HOST_US");
@@ -93,8 +103,10 @@ static double timed_loop(rank_ctx_t *c, const char *what, op_fn fn, void *arg,
     g = c->d->graph_capture(c, fn, arg);
   }
   for (int i = -opt->warmup; i < opt->iters; i++) {
-    c->d->sync(c);
-    c->g->barrier(c);
+    if (!back_to_back || i <= 0) { /* back to back: warm-ups and the first only */
+      c->d->sync(c);
+      c->g->barrier(c);
+    }
     if (i >= 0) c->d->timer_begin(c, i);
     const double h0 = wall_us();
     disco_result_t rc = DISCO_SUCCESS;
@@ -106,7 +118,7 @@ static double timed_loop(rank_ctx_t *c, const char *what, op_fn fn, void *arg,
     if (i >= 0) c->d->timer_end(c, i);
     if (rc != DISCO_SUCCESS) fail_disco(c, what, rc, NULL);
   }
-  c->d->sync(c);
+  c->d->sync(c); /* the only wait on the timed iterations when back to back */
   if (g != NULL) c->d->graph_free(c, g);
   c->d->timer_read(c, opt->iters, us);
   med = median(us, opt->iters);
@@ -269,7 +281,8 @@ static void free_host_out(host_out_t *h) {
   free(h->out);
 }
 
-/* graph: as the disco calls of the case were timed (like for like). */
+/* graph: as the disco calls of the case were timed (like for like); so is
+ * --back-to-back, which timed_loop reads from the options for both. */
 static void plain_baseline(rank_ctx_t *c, const bench_case_t *bc, dev_bufs_t *b,
                            const host_out_t *h, rank_result_t *res, int graph) {
   const int w = c->world;

@@ -70,8 +70,9 @@ typedef struct options {
   int iters;
   int warmup;
   int check;
-  int weighted; /* dispatch with topk_weights and a weighted combine */
-  int graph;    /* time CUDA graph replays of each call (GPU backends) */
+  int weighted;     /* dispatch with topk_weights and a weighted combine */
+  int graph;        /* time CUDA graph replays of each call (GPU backends) */
+  int back_to_back; /* timed iterations queued without sync or barrier between */
   int timeout_ms;
   int64_t corrupt; /* testing aid: flip bits in this many received elements */
   const char *json_path;

@@ -52,6 +52,8 @@ static const char usage_text[] =
     "      --no-check        skip the comparison\n"
     "      --graph           time replays of a CUDA graph of each call (nccl_device;\n"
     "                        the plain exchange too) instead of the calls\n"
+    "      --back-to-back    time iterations issued back to back, no sync or barrier\n"
+    "                        between them (as the DeepEP/NCCL EP figures were taken)\n"
     "  -j, --json FILE       also write the results as a JSON array\n"
     "  -s, --seed N          input seed                 (default 1)\n"
     "      --timeout-ms N    disco config timeout_ms    (default 0 = library's)\n"
@@ -182,6 +184,7 @@ enum {
   OPT_CHECK = 256,
   OPT_NO_CHECK,
   OPT_GRAPH,
+  OPT_BACK_TO_BACK,
   OPT_INDEX,
   OPT_UNWEIGHTED,
   OPT_TIMEOUT,
@@ -211,6 +214,7 @@ static void parse_options(int argc, char **argv, options_t *o) {
       {"check", no_argument, NULL, OPT_CHECK},
       {"no-check", no_argument, NULL, OPT_NO_CHECK},
       {"graph", no_argument, NULL, OPT_GRAPH},
+      {"back-to-back", no_argument, NULL, OPT_BACK_TO_BACK},
       {"json", required_argument, NULL, 'j'},
       {"seed", required_argument, NULL, 's'},
       {"timeout-ms", required_argument, NULL, OPT_TIMEOUT},
@@ -373,6 +377,9 @@ static void parse_options(int argc, char **argv, options_t *o) {
         break;
       case OPT_GRAPH:
         o->graph = 1;
+        break;
+      case OPT_BACK_TO_BACK:
+        o->back_to_back = 1;
         break;
       case 'j':
         if (!*optarg) usage_error("--json: empty file name");

@@ -31,6 +31,10 @@ void output_header(FILE *f, const options_t *o, int world, int plain) {
           (unsigned long long)o->seed,
           o->index_type == DISCO_INDEX_INT32 ? "int32" : "int64",
           o->weighted ? "weighted" : "unweighted");
+  if (o->back_to_back)
+    fprintf(f, "# timing: back to back (no stream sync or barrier between iterations)\n");
+  else
+    fprintf(f, "# timing: idle stream (stream sync and barrier before each iteration)\n");
   if (o->graph)
     fprintf(f, "# timing: CUDA graph replays where the backend can be captured\n");
   if (bench_machine.gpu[0])
@@ -144,11 +148,12 @@ int output_json(const char *path, const options_t *o, const machine_info_t *m,
     fprintf(f,
             ", \"alignment\": %d, \"combine_wire\": \"%s\", \"index_type\": \"%s\", "
             "\"weighted\": %s, \"iters\": %d, \"warmup\": %d, \"seed\": %llu, "
-            "\"check\": %s,\n   ",
+            "\"check\": %s, \"timing\": \"%s\",\n   ",
             c->align, wire_name(c->wire),
             o->index_type == DISCO_INDEX_INT32 ? "int32" : "int64",
             o->weighted ? "true" : "false", o->iters, o->warmup,
-            (unsigned long long)o->seed, o->check ? "true" : "false");
+            (unsigned long long)o->seed, o->check ? "true" : "false",
+            o->back_to_back ? "back_to_back" : "idle");
     fputs("\"dispatch_us\": ", f);
     json_num(f, r->disp_us);
     fputs(", \"combine_us\": ", f);
