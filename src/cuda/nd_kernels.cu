@@ -27,6 +27,7 @@ extern "C" unsigned long long disco_nd_window_layout(const disco_kparams_t *p,
   ND_CARVE(off_meta, W * M * (u64)p->meta_ints * 4u, 256u);
   ND_CARVE(off_rows, W * M * (u64)p->row_bytes, 256u);
   ND_CARVE(off_part, W * M * (u64)part_vecs * 16u, 256u);
+  ND_CARVE(off_cch, W * (u64)DISCO_ND_CHUNKS(M) * 8u, 256u);
 #undef ND_CARVE
   nd->part_vecs = part_vecs;
   const u64 gran = 2ull << 20; /* whole pages of the symmetric mapping */
@@ -148,117 +149,6 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   }
 }
 
-/* ---- combine ------------------------------------------------------------------- */
-
-/* One launch per combine: expert side -> flags -> every block waits for every
- * expert rank's flag -> token side -> the last block acks. */
-__global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
-    nd_combine_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
-                      const uint4 *y, long long y_rows, int weighted, int wire32,
-                      int rank_major, int status_in, uint4 *out, int T) {
-  if (nd_dead(nd)) return;
-  const int W = p.world, r = p.rank, b = blockIdx.x, nb = gridDim.x;
-  const u64 c = nd.seq[1] + 1ull;
-  const u64 call = (u64)DISCO_CALL_COMBINE << 32 | (c & 0xffffffffull);
-  int st = status_in;
-  const long long rows = *pl.num_rows;
-  if (st == 0)
-    st = *pl.go == 0                    ? (int)DISCO_ERR_INVALID_USAGE
-         : rows > 0 && y == NULL        ? (int)DISCO_ERR_NULL_POINTER
-         : y_rows >= 0 && y_rows < rows ? (int)DISCO_ERR_CAPACITY
-                                        : 0;
-  int ok = 1, q = -1, code = 0;
-  const int tr = b == 0 && threadIdx.x == 0;
-  if (tr) nd_trace(nd, 1, c, 0);
-  if (threadIdx.x == 0 && b == 0 && st != 0 && status_in == 0)
-    disco_latch(p.lerr, st, r, (long long)call, y_rows, rows, 0, 0);
-  /* the token owners have read our previous partials */
-  ok = nd_wait_all(p, nd, DISCO_ND_CACK, c - 1ull, DISCO_ND_PHASE_CACK, call, &q, &code);
-  if (tr) nd_trace(nd, 1, c, 1);
-  if (!ok) return;
-  /* Test hook: rank 0 stores its own partials late (see dispatch). */
-  const int late = nd.test_self_delay_ns != 0ull && r == 0;
-  for (int pass = 0; st == 0 && pass <= late; pass++) {
-    if (pass == 1) nd_sleep(nd.test_self_delay_ns);
-    const long long R = pl.recv_off[W];
-    const int P = nd_parts(nb, R, p.row_vecs);
-    const int rr = !(nd.tune & DISCO_ND_TUNE_SOURCE_ORDER);
-    long long N = R;
-    if (rr) { /* items: W times the most rows from one source */
-      N = 0;
-      for (int q = 0; q < W; q++)
-        if (pl.recv_off[q + 1] - pl.recv_off[q] > N)
-          N = pl.recv_off[q + 1] - pl.recv_off[q];
-      N *= W;
-    }
-    const int sel = late ? pass + 1 : 0, S = DISCO_ND_THREADS;
-    unsigned long long *ct = &nd.ctr[pass ? DISCO_ND_CTR_TOKEN : DISCO_ND_CTR_CSEND];
-    if (!(nd.tune & DISCO_ND_TUNE_WARP_CSEND)) {
-      for (long long it = nd_share<S>(nd_ask<S>(ct)), a; it < N * P;
-           it = nd_share<S>(a)) {
-        const long long i = nd_citem_row(pl, W, r, it / P, rr);
-        int lo, hi;
-        a = nd_ask<S>(ct);
-        if (i < 0) continue;
-        nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
-        nd_csend_token<S>(p, nd, pl, y, i, weighted, wire32, rank_major, lo, hi, sel,
-                          threadIdx.x);
-      }
-    } else { /* a row per warp */
-      for (long long j = nd_share<32>(nd_ask<32>(ct)), a; j < N; j = nd_share<32>(a)) {
-        const long long i = nd_citem_row(pl, W, r, j, rr);
-        a = nd_ask<32>(ct);
-        if (i >= 0)
-          nd_csend_token<32>(p, nd, pl, y, i, weighted, wire32, rank_major, 0, p.row_vecs,
-                             sel, threadIdx.x & 31);
-      }
-    }
-  }
-  if (tr) nd_trace(nd, 1, c, 2);
-  if (nd_last_block(&nd.done[1])) {
-    nd.ctr[DISCO_ND_CTR_CSEND] = 0ull;
-    nd.ctr[DISCO_ND_CTR_TOKEN] = 0ull; /* the hook's second pass */
-    nd_flag_peers(nd, W, r, DISCO_ND_CFLAG, c << 8 | (u64)(st & 255));
-    nd_st_release_gpu(&nd.sent[1], c); /* our own partials too */
-    nd_trace(nd, 1, c, 3);
-  }
-  /* Every expert rank's partials, ours (other blocks of this grid) included. */
-  ok = nd_wait_all(p, nd, DISCO_ND_CFLAG, c, DISCO_ND_PHASE_CFLAG, call, &q, &code);
-  if (threadIdx.x == 0) {
-    ok = ok && nd_wait_block0(nd, &nd.sent[1], c);
-    if (ok && st == 0 && q >= 0 && b == 0)
-      disco_latch(p.lerr, DISCO_ERR_REMOTE, q, (long long)call, -1, -1, -1, code);
-    if (ok && (st != 0 || q >= 0)) ok = 2; /* someone failed: write nothing */
-    if (tr) nd_trace(nd, 1, c, 4);
-  }
-  ok = nd_block_all(ok);
-  if (!ok) return;
-  unsigned long long *ct = &nd.ctr[DISCO_ND_CTR_TOKEN];
-  if (ok == 1 && (nd.tune & DISCO_ND_TUNE_WARP_TOKEN)) { /* a token per warp */
-    for (long long t = nd_share<32>(nd_ask<32>(ct)), a; t < T; t = nd_share<32>(a)) {
-      a = nd_ask<32>(ct);
-      nd_ctoken_token<32>(p, nd, pl, out, wire32, (int)t, 0, p.row_vecs,
-                          threadIdx.x & 31);
-    }
-  } else if (ok == 1) {
-    const int P = nd_parts(nb, T, p.row_vecs), S = DISCO_ND_THREADS;
-    for (long long it = nd_share<S>(nd_ask<S>(ct)), a; it < (long long)T * P;
-         it = nd_share<S>(a)) {
-      int lo, hi;
-      a = nd_ask<S>(ct);
-      nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
-      nd_ctoken_token<S>(p, nd, pl, out, wire32, (int)(it / P), lo, hi, threadIdx.x);
-    }
-  }
-  if (tr) nd_trace(nd, 1, c, 5);
-  if (nd_last_block(&nd.done[3])) {
-    nd.ctr[DISCO_ND_CTR_TOKEN] = 0ull;
-    nd_flag_peers(nd, W, r, DISCO_ND_CACK, c << 8);
-    nd.seq[1] = c;
-    nd_trace(nd, 1, c, 6);
-  }
-}
-
 /* ---- launchers ------------------------------------------------------------------ */
 /* Blocks of a launch: enough for the work, at most what is co-resident. */
 static int nd_grid(const disco_nd_params_t *nd, long long work) {
@@ -297,7 +187,7 @@ extern "C" cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, 
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&a1, nd_dispatch_kernel,
                                                       DISCO_ND_THREADS, lsm);
   if (e == cudaSuccess)
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c, nd_combine_kernel,
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c, disco_nd_combine_kernel(),
                                                       DISCO_ND_THREADS, 0);
   if (e == cudaSuccess)
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&q, disco_nd_pipe_kernel(),
@@ -366,8 +256,10 @@ extern "C" cudaError_t disco_nd_k_combine(const disco_kparams_t *p,
   long long yr = (long long)y_rows;
   int wt = weighted, w32 = wire32 && p->dtype != DISCO_DTYPE_FP32, rm = rank_major;
   int stt = status, T = (int)num_tokens;
+  /* many tokens: fold each as its partials land (nd_combine.cu) */
+  int cpipe = T >= nd->cpipe_min && !(nd->tune & DISCO_ND_TUNE_NO_CPIPE);
   uint4 *o = (uint4 *)out;
-  void *args[] = {&kp, &ndp, &plan, &yv, &yr, &wt, &w32, &rm, &stt, &o, &T};
+  void *args[] = {&kp, &ndp, &plan, &yv, &yr, &wt, &w32, &rm, &stt, &o, &T, &cpipe};
   const long long work = (long long)p->world * (long long)(T > 0 ? T : 1);
-  return nd_launch((const void *)nd_combine_kernel, nd_grid(nd, work), 0, args, stream);
+  return nd_launch(disco_nd_combine_kernel(), nd_grid(nd, work), 0, args, stream);
 }

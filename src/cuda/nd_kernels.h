@@ -29,8 +29,16 @@ enum {
   DISCO_ND_CACK = 3,  /* q has read our partials */
   DISCO_ND_DEAD = 4,  /* q gave up (timed out): nobody waits for it any more */
   DISCO_ND_DCNT = 5,  /* dispatch counts from q are here (before its rows) */
-  DISCO_ND_KINDS = 6
+  DISCO_ND_CSTAT = 6, /* q's combine status, sent as its combine starts */
+  DISCO_ND_KINDS = 7
 };
+/* Combine partials go out in chunks of CH = nd.cch_rows rows per (expert
+ * rank, token owner): a chunk flag [q][g] in the owner's window (off_cch)
+ * says that rows [g * CH, (g + 1) * CH) from q are in, so the owner can fold
+ * those tokens while the rest is still in flight (the pipelined combine).
+ * Flags and counters are laid out for the smallest CH. */
+#define DISCO_ND_CHUNK_MIN 64
+#define DISCO_ND_CHUNKS(M) (((M) + DISCO_ND_CHUNK_MIN - 1) / DISCO_ND_CHUNK_MIN)
 /* Phases named by a TIMEOUT record (DISCO_LATCH_A). */
 enum {
   DISCO_ND_PHASE_DACK = 1,
@@ -44,7 +52,7 @@ enum {
 typedef struct disco_nd_params {
   char *const *peer; /* device [W]: every rank's window base as mapped here */
   char *local;       /* this rank's window base */
-  unsigned long long off_flags, off_cnt, off_meta, off_rows, off_part;
+  unsigned long long off_flags, off_cnt, off_meta, off_rows, off_part, off_cch;
   int part_vecs;            /* 16-byte vectors of one combine partial row */
   unsigned long long *seq;  /* device [2]: last finished dispatch, combine */
   unsigned *done;           /* device [4]: blocks done per phase, 0 between calls */
@@ -65,6 +73,13 @@ typedef struct disco_nd_params {
   int tune;         /* DISCO_ND_TUNE bits (A/B of kernel variants), 0: the defaults */
   int pipe_min;     /* tokens from which dispatch pipelines (nd_pipe.cu) */
   int expand_pct;   /* share of the pipelined dispatch's blocks that expand */
+  int cpipe_min;    /* tokens from which the combine's token side pipelines;
+                       chunk flags go out from W * cpipe_min / 2 received rows */
+  int ctoken_pct;   /* share of the pipelined combine's blocks that start on
+                       the token side (the others join after the expert side) */
+  int cch_rows;     /* rows per chunk flag, >= DISCO_ND_CHUNK_MIN */
+  unsigned *cdone;  /* device [W][DISCO_ND_CHUNKS(M)]: chunk pieces stored, 0
+                       between calls */
   size_t fuse_smem; /* layout smem the dispatch kernel's occupancy allows */
 } disco_nd_params_t;
 
@@ -75,7 +90,8 @@ typedef struct disco_nd_params {
 #define DISCO_ND_CTR_TOKEN 3
 #define DISCO_ND_CTR_STEP 4 /* + step: pipelined sends, per destination step */
 #define DISCO_ND_CTR_SRC(W, q) (4 + (W) + (q)) /* pipelined expand, per source */
-#define DISCO_ND_CTRS(W) (4 + 2 * (W))
+#define DISCO_ND_CTR_CLATE(W) (4 + 2 * (W))    /* combine, test hook's late pass */
+#define DISCO_ND_CTRS(W) (5 + 2 * (W))
 
 /* DISCO_ND_TUNE bits: each switches a default, for measuring what it gains. */
 #define DISCO_ND_TUNE_SOURCE_ORDER 1 /* combine stores in source order (hot spots) */
@@ -85,10 +101,11 @@ typedef struct disco_nd_params {
 #define DISCO_ND_TUNE_FORCE_WARP 16  /* expand a row per warp at any size (tests) */
 #define DISCO_ND_TUNE_NO_PIPE 32     /* no pipelined dispatch at any size */
 #define DISCO_ND_TUNE_NO_FUSE 64     /* the layout always as its own launch */
+#define DISCO_ND_TUNE_NO_CPIPE 128   /* no chunk flags, no pipelined combine */
 
 /* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c);
- * kinds: dispatch, combine, pipelined dispatch. */
-#define DISCO_ND_TRACE_KINDS 3
+ * kinds: dispatch, combine, pipelined dispatch, pipelined combine. */
+#define DISCO_ND_TRACE_KINDS 4
 #define DISCO_ND_TRACE_CALLS 256
 #define DISCO_ND_TRACE_SLOTS 8
 
@@ -97,6 +114,9 @@ typedef struct disco_nd_params {
  * destination order (own slot, then r + 1, r + 2, ...), one flag per
  * destination when its rows are out. Same arguments as the plain kernel. */
 const void *disco_nd_pipe_kernel(void);
+/* The combine (nd_combine.cu): plain, or pipelined (cpipe: the token side
+ * folds each token as soon as the chunks holding its partials are in). */
+const void *disco_nd_combine_kernel(void);
 
 /* Window bytes per rank and the offsets, a pure function of the sizes. */
 unsigned long long disco_nd_window_layout(const disco_kparams_t *p, int part_vecs,

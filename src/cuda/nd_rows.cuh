@@ -219,21 +219,22 @@ __device__ __forceinline__ long long nd_citem_row(const disco_dev_plan_t &pl, in
 }
 
 /* Expert side of received token i: fold its rows (EXPERT_MAJOR) or take y's
- * row (RANK_MAJOR), store at the token owner's slot (block-wide). */
+ * row (RANK_MAJOR), store at the token owner's slot (S threads). 0: skipped
+ * (the test hook's other pass). */
 template <int S>
-__device__ void nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
-                               const disco_dev_plan_t &pl, const uint4 *y, long long i,
-                               int weighted, int wire32, int rank_major, int lo, int hi,
-                               int sel, int tid) {
+__device__ int nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                              const disco_dev_plan_t &pl, const uint4 *y, long long i,
+                              int weighted, int wire32, int rank_major, int lo, int hi,
+                              int sel, int tid) {
   const int W = p.world, K = p.top_k, nv = p.row_vecs;
   const int nq = p.dtype == DISCO_DTYPE_FP32 ? 1 : 2;
   const int q = disco_source(pl, W, i);
-  if (nd_skip(sel, q == p.rank)) return;
+  if (nd_skip(sel, q == p.rank)) return 0;
   uint4 *dst = (uint4 *)(nd.peer[q] + nd.off_part) +
                ((long long)p.rank * p.max_tokens + (i - pl.recv_off[q])) * nd.part_vecs;
   if (rank_major) { /* the caller reduced: the row goes back as it is */
     nd_copy_s<false, S>(&dst, 1, y + i * nv, lo, hi, tid);
-    return;
+    return 1;
   }
   const int *rws = pl.comb_rows + i * K;
   int n = 0;
@@ -243,6 +244,7 @@ __device__ void nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t
     disco_fold_expert(y, rws, pl.comb_w + i * K, n, nv, v, weighted, p.dtype, acc);
     disco_store_part(dst, v, wire32, nq, p.dtype, acc);
   }
+  return 1;
 }
 
 /* Token side of token t: fold over destinations ascending (block-wide). */

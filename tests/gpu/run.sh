@@ -117,6 +117,23 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
     "$T" --world "$NGPU" --filter basic
   step "test_nd (graph, timeout) W=$NGPU pipelined" "$OUT/test.log" 150 env \
     DISCO_ND_PIPE_MIN_TOKENS=1 "$ND"
+  # The pipelined combine (chunk flags, token side folding as chunks land) at
+  # every size, with the smallest chunks (many per owner even in small
+  # cases); mixed with the plain one (from 40 tokens: some ranks each way);
+  # with no block starting on the token side and a row/token per warp.
+  step "nccl_device test W=$NGPU pipelined combine" "$OUT/test.log" 90 env \
+    DISCO_TEST_BACKEND=nccl_device DISCO_ND_CPIPE_MIN_TOKENS=1 DISCO_ND_CHUNK_ROWS=64 \
+    "$T" --world "$NGPU"
+  step "nccl_device test W=$NGPU pipelined combine from 40 tokens" "$OUT/test.log" 90 env \
+    DISCO_TEST_BACKEND=nccl_device DISCO_ND_CPIPE_MIN_TOKENS=40 "$T" --world "$NGPU"
+  step "nccl_device test W=$NGPU pipelined combine, warp rows, no token blocks" \
+    "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device DISCO_ND_CPIPE_MIN_TOKENS=1 \
+    DISCO_ND_CHUNK_ROWS=64 DISCO_ND_CTOKEN_PCT=0 DISCO_ND_TUNE=28 "$T" --world "$NGPU"
+  step "nccl_device own-slot late W=$NGPU pipelined combine" "$OUT/test.log" 90 env \
+    DISCO_TEST_BACKEND=nccl_device DISCO_ND_CPIPE_MIN_TOKENS=1 DISCO_ND_CTOKEN_PCT=50 \
+    DISCO_ND_TEST_SELF_DELAY_US=3000 "$T" --world "$NGPU" --filter basic
+  step "test_nd (graph, timeout) W=$NGPU pipelined combine" "$OUT/test.log" 150 env \
+    DISCO_ND_CPIPE_MIN_TOKENS=1 "$ND"
   # Rank 0 stores what it sends to itself 3 ms late: outputs must still be
   # exact (regression test of the own-slot ordering fix; before it, rank 0
   # expanded its own tokens as soon as its peers' flags had arrived).
@@ -131,6 +148,14 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
     step "nccl_device racecheck W=2 --small basic" "$OUT/memcheck.log" 200 env DISCO_TEST_BACKEND=nccl_device \
       compute-sanitizer --tool racecheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small \
       --filter basic
+    step "nccl_device memcheck W=2 --small pipelined combine" "$OUT/memcheck.log" 150 env \
+      DISCO_TEST_BACKEND=nccl_device DISCO_ND_CPIPE_MIN_TOKENS=1 DISCO_ND_CHUNK_ROWS=64 \
+      compute-sanitizer --tool memcheck \
+      --report-api-errors no --error-exitcode 3 "$T" --world 2 --small
+    step "nccl_device racecheck W=2 --small basic pipelined combine" "$OUT/memcheck.log" 200 env \
+      DISCO_TEST_BACKEND=nccl_device DISCO_ND_CPIPE_MIN_TOKENS=1 DISCO_ND_CHUNK_ROWS=64 \
+      compute-sanitizer --tool racecheck \
+      --report-api-errors no --error-exitcode 3 "$T" --world 2 --small --filter basic
   fi
   step "test_nd (graph, timeout) W=$NGPU" "$OUT/test.log" 150 "$ND"
 fi

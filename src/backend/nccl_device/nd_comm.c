@@ -13,13 +13,19 @@
 
 #define ND_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
 /* Small device block: seq[2], fatal, plan (u64), done[4] (u32), sent[2], lay
- * (u64), then peer[W], step[W] (u32) and, 8-aligned, the work counters (u64). */
+ * (u64), then peer[W], step[W] (u32), 8-aligned, the work counters (u64), then
+ * the combine's chunk counters [W][DISCO_ND_CHUNKS(M)] (u32). */
 #define ND_SMALL_PEER_OFF 72u
 
 /* Pipelined dispatch from this many tokens on, with this share of the
  * blocks expanding (docs/nccl_device.md; env overrides for tuning). */
 #define ND_PIPE_MIN_TOKENS 1024
 #define ND_EXPAND_PCT 50
+/* Pipelined combine (token side folds as chunks land) from this many tokens,
+ * with this share of the blocks starting on the token side. */
+#define ND_CPIPE_MIN_TOKENS 2048
+#define ND_CTOKEN_PCT 25
+#define ND_CHUNK_ROWS 512
 
 /* An integer from the environment, or def when unset or below lo. */
 static int nd_env_int(const char *name, int def, int lo) {
@@ -314,7 +320,9 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   p->blk_done = (unsigned *)(p->err_key + 1);
   const size_t ctr_off = ND_ALIGN_UP(
       ND_SMALL_PEER_OFF + (size_t)W * (sizeof(char *) + sizeof(unsigned)), 8u);
-  const size_t small = ctr_off + (size_t)DISCO_ND_CTRS(W) * 8u;
+  const size_t cdone_off = ctr_off + (size_t)DISCO_ND_CTRS(W) * 8u;
+  const size_t small =
+      cdone_off + (size_t)W * (size_t)DISCO_ND_CHUNKS((size_t)c->max_tokens) * 4u;
   rc = disco_nccl_cuda(cudaMalloc(&st->small, small), fn, "cudaMalloc", r);
   if (rc == DISCO_SUCCESS)
     rc = disco_nccl_cuda(cudaMemset(st->small, 0, small), fn, "cudaMemset", r);
@@ -344,6 +352,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.peer = (char *const *)(sm + ND_SMALL_PEER_OFF);
   st->nd.step = (unsigned *)(sm + ND_SMALL_PEER_OFF + (size_t)W * sizeof(char *));
   st->nd.ctr = (unsigned long long *)(sm + ctr_off);
+  st->nd.cdone = (unsigned *)(sm + cdone_off);
   st->nd.hfatal = st->drec + DISCO_LATCH_WORDS;
   st->nd.timeout_ns = (unsigned long long)comm->timeout_ms * 1000000ull;
   /* Test hook: rank 0's kernels store what they send to themselves this many
@@ -356,6 +365,10 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.pipe_min = nd_env_int("DISCO_ND_PIPE_MIN_TOKENS", ND_PIPE_MIN_TOKENS, 1);
   st->nd.expand_pct = nd_env_int("DISCO_ND_EXPAND_PCT", ND_EXPAND_PCT, 1);
   if (st->nd.expand_pct > 99) st->nd.expand_pct = 99;
+  st->nd.cpipe_min = nd_env_int("DISCO_ND_CPIPE_MIN_TOKENS", ND_CPIPE_MIN_TOKENS, 1);
+  st->nd.ctoken_pct = nd_env_int("DISCO_ND_CTOKEN_PCT", ND_CTOKEN_PCT, 0);
+  if (st->nd.ctoken_pct > 99) st->nd.ctoken_pct = 99;
+  st->nd.cch_rows = nd_env_int("DISCO_ND_CHUNK_ROWS", ND_CHUNK_ROWS, DISCO_ND_CHUNK_MIN);
   p->lerr = st->drec;
   rc = disco_nd_trace_init(st, r, fn);
   if (rc != DISCO_SUCCESS) return rc;

@@ -57,10 +57,12 @@ void disco_nd_trace_report(disco_nd_state_t *st, int rank) {
       {"", "ack-wait", "@counts-in", "@sent", "@flags-in", "@go", "@expand", "@done"},
       {"", "ack-wait", "send", "+last-send", "+flags", "token", "+last-token", ""},
       {"", "ack-wait", "counts+plan", "own-expand", "expand-until-last-flag",
-       "last-source-expand", "+last-expand", "@senders-done"}};
-  static const int last[DISCO_ND_TRACE_KINDS] = {7, 6, 6};
-  static const char *const kinds[DISCO_ND_TRACE_KINDS] = {"dispatch", "combine",
-                                                          "dispatch(pipelined)"};
+       "last-source-expand", "+last-expand", "@senders-done"},
+      {"", "ack-wait", "@status-in", "@last-send", "@block0-tokens", "@last-token", "",
+       ""}};
+  static const int last[DISCO_ND_TRACE_KINDS] = {7, 6, 6, 5};
+  static const char *const kinds[DISCO_ND_TRACE_KINDS] = {
+      "dispatch", "combine", "dispatch(pipelined)", "combine(pipelined)"};
   unsigned long long *ring = malloc(ND_TRACE_WORDS * 8u), seq[2],
                      tmp[DISCO_ND_TRACE_CALLS];
   if (ring == NULL ||
@@ -71,7 +73,7 @@ void disco_nd_trace_report(disco_nd_state_t *st, int rank) {
     return;
   }
   for (int k = 0; k < DISCO_ND_TRACE_KINDS; k++) {
-    const unsigned long long sq = seq[k == 1]; /* both dispatch kinds count seq[0] */
+    const unsigned long long sq = seq[k == 1 || k == 3]; /* seq[0]: both dispatch kinds */
     const unsigned long long n = sq < DISCO_ND_TRACE_CALLS ? sq : DISCO_ND_TRACE_CALLS;
     /* the first few calls warm up: skipped when there are enough */
     const unsigned long long skip = n > 8 ? 3 : 0, first = sq - n + 1 + skip;
