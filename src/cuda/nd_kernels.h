@@ -21,6 +21,10 @@
 extern "C" {
 #endif
 
+/* The pipelined dispatch sends each destination's rows in up to this many
+ * parts (nd.dparts), each flagged as it lands (nd_pipe.cu). */
+#define DISCO_ND_PARTS_MAX 4
+
 /* Flag kinds in a window's flag area, [kind][W] u64, entry q written by q. */
 enum {
   DISCO_ND_DFLAG = 0, /* dispatch data from q is complete: seq << 8 | status */
@@ -30,7 +34,8 @@ enum {
   DISCO_ND_DEAD = 4,  /* q gave up (timed out): nobody waits for it any more */
   DISCO_ND_DCNT = 5,  /* dispatch counts from q are here (before its rows) */
   DISCO_ND_CSTAT = 6, /* q's combine status, sent as its combine starts */
-  DISCO_ND_KINDS = 7
+  DISCO_ND_DPART = 7, /* + h: part h of q's dispatch rows is in (h < parts - 1) */
+  DISCO_ND_KINDS = 7 + DISCO_ND_PARTS_MAX - 1
 };
 /* Combine partials go out in chunks of CH = nd.cch_rows rows per (expert
  * rank, token owner): a chunk flag [q][g] in the owner's window (off_cch)
@@ -53,12 +58,12 @@ typedef struct disco_nd_params {
   char *const *peer; /* device [W]: every rank's window base as mapped here */
   char *local;       /* this rank's window base */
   unsigned long long off_flags, off_cnt, off_meta, off_rows, off_part, off_cch;
-  int part_vecs;            /* 16-byte vectors of one combine partial row */
-  unsigned long long *seq;  /* device [2]: last finished dispatch, combine */
-  unsigned *done;           /* device [4]: blocks done per phase, 0 between calls */
-  unsigned *step;           /* device [W]: sender blocks done per destination step */
-  unsigned long long *ctr;  /* device [4 + 2W]: work counters (DISCO_ND_CTR_*), 0
-                               between calls */
+  int part_vecs;           /* 16-byte vectors of one combine partial row */
+  unsigned long long *seq; /* device [2]: last finished dispatch, combine */
+  unsigned *done;          /* device [4]: blocks done per phase, 0 between calls */
+  unsigned *step; /* device [DISCO_ND_STEPS(W)]: sender blocks done per part, step */
+  unsigned long long *ctr; /* device [DISCO_ND_CTRS(W)]: work counters (DISCO_ND_CTR_*), 0
+                              between calls */
   unsigned long long *plan; /* device: dispatch seq whose receive plan is made */
   unsigned long long *lay;  /* device: dispatch seq whose layout block 0 made */
   unsigned long long *sent; /* device [2]: last dispatch / combine whose local
@@ -73,6 +78,7 @@ typedef struct disco_nd_params {
   int tune;         /* DISCO_ND_TUNE bits (A/B of kernel variants), 0: the defaults */
   int pipe_min;     /* tokens from which dispatch pipelines (nd_pipe.cu) */
   int expand_pct;   /* share of the pipelined dispatch's blocks that expand */
+  int dparts;       /* parts of a destination's rows in the pipelined dispatch */
   int cpipe_min;    /* tokens from which the combine's token side pipelines;
                        chunk flags go out from W * cpipe_min / 2 received rows */
   int ctoken_pct;   /* share of the pipelined combine's blocks that start on
@@ -88,10 +94,13 @@ typedef struct disco_nd_params {
 #define DISCO_ND_CTR_EXPAND 1
 #define DISCO_ND_CTR_CSEND 2
 #define DISCO_ND_CTR_TOKEN 3
-#define DISCO_ND_CTR_STEP 4 /* + step: pipelined sends, per destination step */
-#define DISCO_ND_CTR_SRC(W, q) (4 + (W) + (q)) /* pipelined expand, per source */
-#define DISCO_ND_CTR_CLATE(W) (4 + 2 * (W))    /* combine, test hook's late pass */
-#define DISCO_ND_CTRS(W) (5 + 2 * (W))
+/* + h * W + step: pipelined sends, per part and destination step */
+#define DISCO_ND_CTR_STEP 4
+#define DISCO_ND_STEPS(W) (DISCO_ND_PARTS_MAX * (W))
+/* pipelined expand, per source q and part h */
+#define DISCO_ND_CTR_SRC(W, q, h) (4 + DISCO_ND_STEPS(W) + (h) * (W) + (q))
+#define DISCO_ND_CTR_CLATE(W) (4 + 2 * DISCO_ND_STEPS(W)) /* combine, test hook */
+#define DISCO_ND_CTRS(W) (5 + 2 * DISCO_ND_STEPS(W))
 
 /* DISCO_ND_TUNE bits: each switches a default, for measuring what it gains. */
 #define DISCO_ND_TUNE_SOURCE_ORDER 1 /* combine stores in source order (hot spots) */

@@ -17,14 +17,17 @@
 #include "cuda/recv_plan.cuh"
 
 /* Token t's row (unless it is our own token in EXPERT_MAJOR: the expand reads
- * x) and metadata for its k-th destination d (block-wide). */
+ * x) and metadata for its k-th destination d, if the row at d is in [lo, hi)
+ * (block-wide). */
 static __device__ void nd_send_one(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                    const disco_dev_plan_t &pl, const uint4 *x,
-                                   const float *w, int t, int k, int d, int rank_major) {
+                                   const float *w, int t, int k, int d, int rank_major,
+                                   long long lo, long long hi) {
   const int r = p.rank, nc = p.num_cols, C = 32 * p.layout_warps, nv = p.row_vecs;
   const long long M = p.max_tokens;
   const int *bb = pl.blk_base + (long long)(t / C) * nc;
   const int row = bb[p.num_experts + d] + pl.tok_dpos[(long long)t * p.kd + k];
+  if (row < lo || row >= hi) return; /* another part's row */
   if (threadIdx.x < 32) {
     int *meta =
         (int *)(nd.peer[d] + nd.off_meta) + ((long long)r * M + row) * p.meta_ints;
@@ -34,6 +37,65 @@ static __device__ void nd_send_one(const disco_kparams_t &p, const disco_nd_para
   if (d == r && !rank_major) return;
   uint4 *dst = (uint4 *)(nd.peer[d] + nd.off_rows) + ((long long)r * M + row) * nv;
   nd_copy<false>(&dst, 1, x + (long long)t * nv, 0, nv);
+}
+
+/* Part h of H of the rows to destination d: rows [*lo, *hi) at d (split
+ * evenly, as the receiver splits them), held by tokens in [*t0, *t1): the
+ * layout blocks around the boundaries, found by binary search over the
+ * blocks' bases (block-wide call). */
+static __device__ void nd_part_span(const disco_kparams_t &p, const disco_dev_plan_t &pl,
+                                    int T, int d, int h, int H, long long *lo,
+                                    long long *hi, int *t0, int *t1) {
+  __shared__ int sh[2];
+  const int C = 32 * p.layout_warps, nb = (T + C - 1) / C, col = p.num_experts + d;
+  const long long n = pl.msg[(long long)d * p.msg_len + DISCO_MSG_TOKENS];
+  *lo = n * h / H;
+  *hi = n * (h + 1) / H;
+  __syncthreads(); /* sh of the previous call is read */
+  if (threadIdx.x == 0) {
+    /* last block whose base <= lo; first block whose base >= hi (nb: none) */
+    int a = 0, z = nb - 1;
+    while (a < z) {
+      const int m = (a + z + 1) / 2;
+      if (pl.blk_base[(long long)m * p.num_cols + col] <= *lo)
+        a = m;
+      else
+        z = m - 1;
+    }
+    int u = 0, v = nb;
+    while (u < v) {
+      const int m = (u + v) / 2;
+      if (pl.blk_base[(long long)m * p.num_cols + col] >= *hi)
+        v = m;
+      else
+        u = m + 1;
+    }
+    sh[0] = a * C;
+    sh[1] = u >= nb ? T : u * C;
+  }
+  __syncthreads();
+  *t0 = sh[0];
+  *t1 = sh[1];
+}
+
+/* One thread: waits until flag `part` or flag `fin` reaches seq want
+ * (bounded); 0 after a timeout or a dead peer. */
+static __device__ int nd_wait_either(const disco_kparams_t &p,
+                                     const disco_nd_params_t &nd, const u64 *part,
+                                     const u64 *fin, u64 want, int q, u64 call) {
+  const u64 deadline = nd_now() + nd.timeout_ns;
+  for (unsigned it = 0;; it++) {
+    if ((long long)((nd_ld_acquire(part) >> 8) - want) >= 0 ||
+        (long long)((nd_ld_acquire(fin) >> 8) - want) >= 0)
+      return 1;
+    if ((it & 255u) == 255u) {
+      if (nd_dead(nd) || nd_peer_dead(p, nd, q, call)) return 0;
+      if (nd_now() > deadline) {
+        nd_give_up(p, nd, q, DISCO_ND_PHASE_DFLAG, call, want);
+        return 0;
+      }
+    }
+  }
 }
 
 __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
@@ -63,16 +125,25 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   if (tr) nd_trace(nd, 2, s, 1);
   if (!ok) return;
 
-  if (b >= nx) { /* ---- senders: one destination at a time ---- */
-    /* Test hook: rank 0 sends to itself last, late (see the plain kernel). */
+  if (b >= nx) { /* ---- senders: one destination at a time, in parts ---- */
+    /* Own slot first (metadata, and rows for RANK_MAJOR), then part h of
+     * every peer's rows for h = 0, 1, ...: the last flag a receiver waits
+     * for covers 1 / H of a source's rows. Test hook: rank 0 sends to itself
+     * last, late (see the plain kernel). */
     const int late = nd.test_self_delay_ns != 0ull && r == 0;
-    for (int kk = 0; kk < W; kk++) {
-      const int step = late ? (kk + 1) % W : kk, d = (r + step) % W;
+    const int H = W > 1 ? nd.dparts : 1, n_e = 1 + H * (W - 1);
+    for (int e = 0; e < n_e; e++) {
+      const int e2 = late ? (e + 1) % n_e : e;
+      const int h = e2 == 0 ? 0 : (e2 - 1) / (W - 1);
+      const int step = e2 == 0 ? 0 : 1 + (e2 - 1) % (W - 1), d = (r + step) % W;
       if (late && step == 0) nd_sleep(nd.test_self_delay_ns);
-      unsigned long long *c = &nd.ctr[DISCO_ND_CTR_STEP + step];
+      unsigned long long *c = &nd.ctr[DISCO_ND_CTR_STEP + h * W + step];
+      long long lo = 0, hi = 1ll << 62; /* rows of this part at d */
+      int t0 = 0, t1 = T;               /* tokens that may hold them */
+      if (step != 0 && H > 1) nd_part_span(p, pl, T, d, h, H, &lo, &hi, &t0, &t1);
       const int S = DISCO_ND_THREADS;
-      for (long long t = st == 0 ? nd_share<S>(nd_ask<S>(c)) : T, a; t < T;
-           t = nd_share<S>(a)) {
+      for (long long t = st == 0 ? t0 + nd_share<S>(nd_ask<S>(c)) : t1, a; t < t1;
+           t = t0 + nd_share<S>(a)) {
         const int *dest = pl.tok_dest + t * p.kd;
         a = nd_ask<S>(c);
         int k = -1;
@@ -81,16 +152,17 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
           if (dq < 0 || dq > d) break;
           if (dq == d) k = q;
         }
-        if (k >= 0) nd_send_one(p, nd, pl, x, w, (int)t, k, d, rank_major);
+        if (k >= 0) nd_send_one(p, nd, pl, x, w, (int)t, k, d, rank_major, lo, hi);
       }
-      if (nd_last_of(&nd.step[step], (unsigned)ns)) {
+      if (nd_last_of(&nd.step[h * W + step], (unsigned)ns)) {
         *c = 0ull;
         if (d == r)
           nd_st_release_gpu(&nd.sent[0], s); /* own slot: read by this grid only */
         else
-          nd_st_release(nd_flag(nd, nd.peer[d], W, DISCO_ND_DFLAG, r),
+          nd_st_release(nd_flag(nd, nd.peer[d], W,
+                                h == H - 1 ? DISCO_ND_DFLAG : DISCO_ND_DPART + h, r),
                         s << 8 | (u64)(st & 255));
-        if (kk == W - 1) nd_trace(nd, 2, s, 7);
+        if (e == n_e - 1) nd_trace(nd, 2, s, 7);
       }
     }
     return;
@@ -113,30 +185,42 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     if (!nd_block_all(ok)) return;
   }
   const int go = *(volatile int32_t *)pl.go;
-  for (int k = 0; k < W; k++) { /* own rows first, then r - 1, r - 2, ... */
-    const int q = (r - k + W) % W;
-    if (tr && k == 1) nd_trace(nd, 2, s, 3); /* own rows expanded */
+  /* Own rows first, then part h of sources r - 1, r - 2, ... for h = 0, 1, ...
+   * (the order they are sent in). A source that is not pipelined sends one
+   * flag for all its rows: its DFLAG stands for every part. */
+  const int H = W > 1 ? nd.dparts : 1, n_e = 1 + H * (W - 1);
+  for (int e = 0; e < n_e; e++) {
+    const int h = e == 0 ? 0 : (e - 1) / (W - 1);
+    const int q = e == 0 ? r : (r - 1 - (e - 1) % (W - 1) + W) % W;
+    if (tr && e == 1) nd_trace(nd, 2, s, 3); /* own rows expanded */
     if (threadIdx.x == 0) {
       u64 v;
-      ok = k == 0 ? nd_wait_block0(nd, &nd.sent[0], s)
-                  : nd_wait(p, nd, nd_flag(nd, nd.local, W, DISCO_ND_DFLAG, q), s, q,
-                            DISCO_ND_PHASE_DFLAG, call, &v);
+      const u64 *fin = nd_flag(nd, nd.local, W, DISCO_ND_DFLAG, q);
+      ok = e == 0 ? nd_wait_block0(nd, &nd.sent[0], s)
+           : h == H - 1
+               ? nd_wait(p, nd, fin, s, q, DISCO_ND_PHASE_DFLAG, call, &v)
+               : nd_wait_either(p, nd, nd_flag(nd, nd.local, W, DISCO_ND_DPART + h, q),
+                                fin, s, q, call);
     }
     if (!nd_block_all(ok)) return;
-    if (tr && k == W - 1) nd_trace(nd, 2, s, 4); /* the last source's flag is in */
+    if (tr && e == n_e - 1) nd_trace(nd, 2, s, 4); /* the last source's flag is in */
     if (!go) continue;
-    const long long first = pl.recv_off[q], n = pl.recv_off[q + 1] - first;
+    const long long first = pl.recv_off[q], all = pl.recv_off[q + 1] - first;
+    const long long lo = e == 0 ? 0 : all * h / H, hi = e == 0 ? all : all * (h + 1) / H;
+    const long long n = hi - lo;
     const int warp = !(nd.tune & DISCO_ND_TUNE_BLOCK_EXPAND) &&
                      (n >= (long long)nx * (DISCO_ND_THREADS / 32) ||
                       (nd.tune & DISCO_ND_TUNE_FORCE_WARP));
-    nd_expand_range(p, nd, pl, x, first, n, nx, warp, &nd.ctr[DISCO_ND_CTR_SRC(W, q)],
-                    rank_major, recv_x, src_rank, src_token, expert, weight);
+    nd_expand_range(p, nd, pl, x, first + lo, n, nx, warp,
+                    &nd.ctr[DISCO_ND_CTR_SRC(W, q, h)], rank_major, recv_x, src_rank,
+                    src_token, expert, weight);
   }
   if (go && !rank_major && align > 1)
     nd_pad_rows(p, pl, b, nx, recv_x, src_rank, src_token, expert, weight);
   if (tr) nd_trace(nd, 2, s, 5);
   if (nd_last_of(&nd.done[2], (unsigned)nx)) {
-    for (int q = 0; q < W; q++) nd.ctr[DISCO_ND_CTR_SRC(W, q)] = 0ull;
+    for (int h = 0; h < DISCO_ND_PARTS_MAX; h++)
+      for (int q = 0; q < W; q++) nd.ctr[DISCO_ND_CTR_SRC(W, q, h)] = 0ull;
     nd_flag_peers(nd, W, r, DISCO_ND_DACK, s << 8);
     nd.seq[0] = s;
     nd_trace(nd, 2, s, 6);

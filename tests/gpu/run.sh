@@ -112,6 +112,9 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
     DISCO_ND_PIPE_MIN_TOKENS=1 "$T" --world "$NGPU"
   step "nccl_device test W=$NGPU pipelined from 40 tokens" "$OUT/test.log" 90 env \
     DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=40 "$T" --world "$NGPU"
+  step "nccl_device test W=$NGPU pipelined in 3 parts, mixed with plain" "$OUT/test.log" 90 env \
+    DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=40 DISCO_ND_PIPE_PARTS=3 \
+    "$T" --world "$NGPU"
   step "nccl_device own-slot late W=$NGPU pipelined" "$OUT/test.log" 90 env \
     DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=1 DISCO_ND_TEST_SELF_DELAY_US=3000 \
     "$T" --world "$NGPU" --filter basic

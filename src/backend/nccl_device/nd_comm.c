@@ -13,14 +13,15 @@
 
 #define ND_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
 /* Small device block: seq[2], fatal, plan (u64), done[4] (u32), sent[2], lay
- * (u64), then peer[W], step[W] (u32), 8-aligned, the work counters (u64), then
- * the combine's chunk counters [W][DISCO_ND_CHUNKS(M)] (u32). */
+ * (u64), then peer[W], step[DISCO_ND_STEPS(W)] (u32), 8-aligned, the work counters (u64),
+ * then the combine's chunk counters [W][DISCO_ND_CHUNKS(M)] (u32). */
 #define ND_SMALL_PEER_OFF 72u
 
 /* Pipelined dispatch from this many tokens on, with this share of the
  * blocks expanding (docs/nccl_device.md; env overrides for tuning). */
 #define ND_PIPE_MIN_TOKENS 1024
 #define ND_EXPAND_PCT 50
+#define ND_PIPE_PARTS 1 /* parts per destination (2: see docs/nccl_device.md) */
 /* Pipelined combine (token side folds as chunks land) from this many tokens,
  * with this share of the blocks starting on the token side. */
 #define ND_CPIPE_MIN_TOKENS 2048
@@ -319,7 +320,8 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   if (rc != DISCO_SUCCESS) return rc;
   p->blk_done = (unsigned *)(p->err_key + 1);
   const size_t ctr_off = ND_ALIGN_UP(
-      ND_SMALL_PEER_OFF + (size_t)W * (sizeof(char *) + sizeof(unsigned)), 8u);
+      ND_SMALL_PEER_OFF + (size_t)W * sizeof(char *) + (size_t)DISCO_ND_STEPS(W) * 4u,
+      8u);
   const size_t cdone_off = ctr_off + (size_t)DISCO_ND_CTRS(W) * 8u;
   const size_t small =
       cdone_off + (size_t)W * (size_t)DISCO_ND_CHUNKS((size_t)c->max_tokens) * 4u;
@@ -365,6 +367,8 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.pipe_min = nd_env_int("DISCO_ND_PIPE_MIN_TOKENS", ND_PIPE_MIN_TOKENS, 1);
   st->nd.expand_pct = nd_env_int("DISCO_ND_EXPAND_PCT", ND_EXPAND_PCT, 1);
   if (st->nd.expand_pct > 99) st->nd.expand_pct = 99;
+  st->nd.dparts = nd_env_int("DISCO_ND_PIPE_PARTS", ND_PIPE_PARTS, 1);
+  if (st->nd.dparts > DISCO_ND_PARTS_MAX) st->nd.dparts = DISCO_ND_PARTS_MAX;
   st->nd.cpipe_min = nd_env_int("DISCO_ND_CPIPE_MIN_TOKENS", ND_CPIPE_MIN_TOKENS, 1);
   st->nd.ctoken_pct = nd_env_int("DISCO_ND_CTOKEN_PCT", ND_CTOKEN_PCT, 0);
   if (st->nd.ctoken_pct > 99) st->nd.ctoken_pct = 99;
