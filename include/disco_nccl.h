@@ -76,9 +76,11 @@ DISCO_API disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm,
  * combine never wait on the host and can be captured in a CUDA graph
  * (DISCO_CAP_NO_HOST_SYNC | DISCO_CAP_GRAPH); disco_dispatch_layout still
  * reads counts back once.
- * Collective over nccl_comm, like disco_comm_create_nccl, plus: every rank
- * must be load-store accessible from every other (one NVLink domain); else
- * NOT_SUPPORTED (use disco_comm_create_nccl). Allocates, at creation, one
+ * Collective over nccl_comm, like disco_comm_create_nccl. When some peer is
+ * not load-store accessible (another node: NCCL's LSA team is smaller than
+ * the comm), the whole comm falls back to the host-initiated path: *comm is
+ * then a comm of the nccl backend (disco_comm_backend() says "nccl",
+ * disco_comm_caps() lacks NO_HOST_SYNC and GRAPH). Allocates, at creation, one
  * symmetric window of about world_size * max_tokens * (hidden * (elem_size +
  * wire bytes)) per rank. Never requests NVLink multicast (NVLS).
  * Errors found on the device (bad expert ids, CAPACITY, REMOTE) are not
@@ -89,7 +91,7 @@ DISCO_API disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm,
  * collective (it deregisters the window) unless a TIMEOUT is latched, in which
  * case the window is left to the caller's ncclCommAbort/ncclCommDestroy.
  * Errors: as disco_comm_create_nccl, plus NOT_SUPPORTED (NCCL older than
- * 2.28, header and library versions differ, peers outside the LSA team).
+ * 2.28, header and library versions differ).
  */
 DISCO_API disco_result_t disco_comm_create_nccl_device(ncclComm_t nccl_comm,
                                                        const disco_config_t *config,

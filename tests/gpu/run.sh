@@ -137,6 +137,10 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
     DISCO_ND_TEST_SELF_DELAY_US=3000 "$T" --world "$NGPU" --filter basic
   step "test_nd (graph, timeout) W=$NGPU pipelined combine" "$OUT/test.log" 150 env \
     DISCO_ND_CPIPE_MIN_TOKENS=1 "$ND"
+  # Peer 1 marked as not load-store accessible: disco_comm_create_nccl_device
+  # must hand back a comm of the nccl backend, which passes the same table.
+  step "nccl_device create with a remote peer (falls back to nccl) W=$NGPU" "$OUT/test.log" \
+    90 env DISCO_TEST_BACKEND=nccl_device DISCO_ND_HOST_PEERS=0x2 "$T" --world "$NGPU"
   # Rank 0 stores what it sends to itself 3 ms late: outputs must still be
   # exact (regression test of the own-slot ordering fix; before it, rank 0
   # expanded its own tokens as soon as its peers' flags had arrived).

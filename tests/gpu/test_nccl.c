@@ -5,7 +5,9 @@
  * dispatch and combine return once enqueued and errors found on the device
  * come from disco_comm_check(comm, 1), which this test calls after every
  * call that returned DISCO_SUCCESS and takes as the call's outcome; the
- * expected codes are the same on both backends.
+ * expected codes are the same on both backends. With DISCO_ND_HOST_PEERS
+ * set (a peer marked as not load-store accessible), the nccl_device create
+ * must fall back to a comm of the nccl backend, which the table then tests.
  * Prints SKIP and exits 0 only when there is no GPU. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,8 +17,9 @@
 #include "disco_nccl.h"
 #include "gpu_world.h"
 
-/* Backend under test (DISCO_TEST_BACKEND), set once in main. */
-static int g_nd;
+/* Backend under test (DISCO_TEST_BACKEND), set once in main: g_nd_create,
+ * the create function called; g_nd, the backend expected to come back. */
+static int g_nd, g_nd_create;
 static const char *g_backend = "nccl";
 
 enum { PLAIN, LAYOUT, REPEAT, REDISPATCH };
@@ -220,8 +223,9 @@ static void rank_body(int r, void *arg) {
   memset(&d, 0, sizeof(d));
   CUDA(cudaStreamCreate(&stream));
   char msg[1024];
-  disco_result_t rc = g_nd ? disco_comm_create_nccl_device(x->gw->nccl[r], cfg, &comm)
-                           : disco_comm_create_nccl(x->gw->nccl[r], cfg, &comm);
+  disco_result_t rc = g_nd_create
+                          ? disco_comm_create_nccl_device(x->gw->nccl[r], cfg, &comm)
+                          : disco_comm_create_nccl(x->gw->nccl[r], cfg, &comm);
   if (rc != DISCO_SUCCESS) fail(x, r, "create: %s %lld %lld", disco_last_error(), rc, 0);
   if (comm != NULL) {
     const uint32_t caps = disco_comm_caps(comm),
@@ -528,8 +532,10 @@ int main(int argc, char **argv) {
   const char *be = getenv("DISCO_TEST_BACKEND");
   if (be != NULL && *be != '\0') {
     if (!strcmp(be, "nccl_device")) {
-      g_nd = 1;
-      g_backend = "nccl_device";
+      const char *hp = getenv("DISCO_ND_HOST_PEERS");
+      g_nd_create = 1;
+      g_nd = hp == NULL || strtoull(hp, NULL, 0) == 0ull; /* else: falls back */
+      g_backend = g_nd ? "nccl_device" : "nccl";
     } else if (strcmp(be, "nccl") != 0) {
       fprintf(stderr, "DISCO_TEST_BACKEND=%s: expected nccl or nccl_device\n", be);
       return 2;

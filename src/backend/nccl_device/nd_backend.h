@@ -21,8 +21,9 @@ typedef struct disco_nd_state {
   size_t win_bytes;
   ncclWindow_t win;
   int win_registered;
-  void *dev_comm;           /* ncclDevComm, owned by nd_setup.cu */
-  void *small;              /* device: seq, done, cstat, fatal, peer[] */
+  int fallback;   /* a peer is not load-store accessible: the comm becomes nccl */
+  void *dev_comm; /* ncclDevComm, owned by nd_setup.cu */
+  void *small;    /* device: seq, done, cstat, fatal, peer[] */
   unsigned long long *hrec; /* mapped host: [2][DISCO_LATCH_WORDS] per-call, fatal */
   unsigned long long *drec; /* its device address */
   cudaEvent_t last;         /* recorded after each enqueued (not captured) call */
@@ -40,6 +41,8 @@ ncclResult_t disco_nd_dev_create(ncclComm_t comm, ncclWindow_t win, int world, i
                                  char *local, char **peer, void **dev_comm, int *all_lsa,
                                  int *lsa_size);
 ncclResult_t disco_nd_dev_destroy(ncclComm_t comm, void *dev_comm);
+/* Peers this rank reaches by load/store (itself included), -1 out of memory. */
+int disco_nd_lsa_count(ncclComm_t comm, int world);
 
 /* nd_comm.c */
 /* The latched fatal error (TIMEOUT) as a disco error, or SUCCESS. */

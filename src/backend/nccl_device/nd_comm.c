@@ -399,6 +399,17 @@ static disco_result_t nd_make(disco_comm_t *comm, ncclComm_t nccl, int device,
   comm->backend_state = st;
   st->nccl = nccl;
   st->device = device;
+  /* Peers beyond this NVLink domain: nothing to set up here, the comm is
+   * remade as nccl once every rank agrees (*extra is compared). */
+  const int n = disco_nd_lsa_count(nccl, comm->world_size);
+  if (n < 0)
+    return disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn,
+                       comm->rank);
+  if (n < comm->world_size) {
+    st->fallback = 1;
+    *extra = 1;
+    return DISCO_SUCCESS;
+  }
   return nd_setup(comm, fn);
 }
 
@@ -412,9 +423,19 @@ disco_result_t disco_comm_create_nccl_device(ncclComm_t nccl_comm,
   *out = NULL;
   disco_result_t rc = disco_nccl_create(
       nccl_comm, config, fn,
-      "num_experts, top_k, hidden, max_tokens, dtype or combine_wire", nd_make, &comm);
+      "num_experts, top_k, hidden, max_tokens, dtype, combine_wire or which peers are "
+      "load-store accessible (DISCO_ND_HOST_PEERS)",
+      nd_make, &comm);
   if (rc != DISCO_SUCCESS) return rc;
   disco_nd_state_t *st = comm->backend_state;
+  if (st->fallback) {
+    /* Every rank agreed (disco_nccl_create compared the flag): the whole
+     * comm goes host-initiated, disco_comm_backend() says "nccl" and the caps
+     * lack NO_HOST_SYNC and GRAPH (decision 20). Nothing collective was set
+     * up, so this destroy is local. */
+    disco_comm_destroy(comm);
+    return disco_comm_create_nccl(nccl_comm, config, out);
+  }
   const int rank = comm->rank, world = comm->world_size;
   /* Collective from here on: every rank got this far. */
   rc = disco_nccl_nccl(ncclCommWindowRegister(nccl_comm, st->win_mem, st->win_bytes,

@@ -19,6 +19,30 @@ __global__ void nd_peer_kernel(ncclWindow_t win, const int *lsa_of, int world, i
                               : (char *)ncclGetLsaPointer(win, 0, lsa_of[p]);
 }
 
+/* Every peer's rank in this rank's LSA team (-1: not load-store accessible);
+ * returns how many are. Local: NCCL derives the team from the topology.
+ * Test hook: DISCO_ND_HOST_PEERS=<mask> marks peers as not accessible. */
+static int nd_lsa_of(ncclComm_t comm, int world, int *lsa_of) {
+  ncclTeam_t lsa = ncclTeamLsa(comm), wt = ncclTeamWorld(comm);
+  int n = 0;
+  const char *env = getenv("DISCO_ND_HOST_PEERS");
+  const unsigned long long mask = env != NULL ? strtoull(env, NULL, 0) : 0ull;
+  for (int p = 0; p < world; p++) {
+    lsa_of[p] = ncclTeamRankIsMember(lsa, wt, p) ? ncclTeamRankToTeam(lsa, wt, p) : -1;
+    if (p < 64 && ((mask >> p) & 1ull)) lsa_of[p] = -1;
+    n += lsa_of[p] >= 0;
+  }
+  return n;
+}
+
+extern "C" int disco_nd_lsa_count(ncclComm_t comm, int world) {
+  int *lsa_of = (int *)calloc((size_t)(world > 0 ? world : 1), sizeof(int));
+  if (lsa_of == NULL) return -1;
+  const int n = nd_lsa_of(comm, world, lsa_of);
+  free(lsa_of);
+  return n;
+}
+
 extern "C" ncclResult_t disco_nd_dev_create(ncclComm_t comm, ncclWindow_t win, int world,
                                             int rank, char *local, char **peer,
                                             void **dev_comm, int *all_lsa,
@@ -51,21 +75,7 @@ extern "C" ncclResult_t disco_nd_dev_create(ncclComm_t comm, ncclWindow_t win, i
   }
   *dev_comm = dc;
   *lsa_size = dc->lsaSize;
-  ncclTeam_t lsa = ncclTeamLsa(comm), wt = ncclTeamWorld(comm);
-  int n = 0;
-  for (int p = 0; p < world; p++) {
-    lsa_of[p] = ncclTeamRankIsMember(lsa, wt, p) ? ncclTeamRankToTeam(lsa, wt, p) : -1;
-    n += lsa_of[p] >= 0;
-  }
-  /* Test hook: DISCO_ND_HOST_PEERS=<mask> marks peers as not load-store
-   * accessible (the hybrid path is not built yet: creation then fails). */
-  const char *env = getenv("DISCO_ND_HOST_PEERS");
-  if (env != NULL) {
-    unsigned long long mask = strtoull(env, NULL, 0);
-    for (int p = 0; p < world && p < 64; p++)
-      if ((mask >> p) & 1ull) lsa_of[p] = -1, n -= 1;
-  }
-  *all_lsa = n == world;
+  *all_lsa = nd_lsa_of(comm, world, lsa_of) == world;
   if (cudaMalloc((void **)&dev_lsa, (size_t)world * sizeof(int)) != cudaSuccess ||
       cudaMemcpy(dev_lsa, lsa_of, (size_t)world * sizeof(int), cudaMemcpyHostToDevice) !=
           cudaSuccess) {
