@@ -152,6 +152,7 @@ __device__ int nd_token_ready(const disco_kparams_t &p, const disco_nd_params_t 
       if (cache != NULL && d < ND_CCACHE) cache[d] = g;
     }
     ok = __all_sync(0xffffffffu, ok);
+    __syncwarp(); /* what lane k acquired is read by every lane (a vote does not order) */
   }
   return S == 32 ? ok : nd_block_all(ok);
 }
@@ -222,12 +223,13 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
         if (i < 0) continue;
         const int q = chunks ? nd_pend_at(p, nd, pl, pd, i, P, cv) : -1;
         nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
-        if (nd_csend_token<S>(p, nd, pl, y, i, weighted, wire32, rank_major, lo, hi, sel,
-                              threadIdx.x) &&
-            q >= 0 && threadIdx.x == 0) {
-          if (q < ND_PEND_MAX) {
-            pd.n[q]++;
-          } else { /* a world too large to track: this piece alone, now */
+        const int sent = nd_csend_token<S>(p, nd, pl, y, i, weighted, wire32, rank_major,
+                                           lo, hi, sel, threadIdx.x); /* block-uniform */
+        if (sent && q >= 0 && q < ND_PEND_MAX) {
+          if (threadIdx.x == 0) pd.n[q]++;
+        } else if (sent && q >= ND_PEND_MAX) { /* a world too large to track */
+          __syncthreads();                     /* every thread's stores of the piece */
+          if (threadIdx.x == 0) {
             __threadfence_system();
             nd_chunk_add(p, nd, pl, q, (i - pl.recv_off[q]) / nd.cch_rows, 1u, P, cv);
           }
@@ -256,7 +258,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   }
   if (cpipe) {
     /* Every rank's status first: nothing reaches out unless all are fine. */
-    ok = nd_wait_all(p, nd, DISCO_ND_CSTAT, c, DISCO_ND_PHASE_CFLAG, call, &q, &code);
+    ok = nd_wait_all(p, nd, DISCO_ND_CSTAT, c, DISCO_ND_PHASE_CSTAT, call, &q, &code);
     if (tr) nd_trace(nd, kind, c, 2);
   } else {
     /* Every expert rank's partials, ours (other blocks of this grid) included. */
@@ -277,7 +279,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
       a = nd_ask<32>(ct);
       if (cpipe &&
           !nd_token_ready<32>(p, nd, pl, (int)t, c, call, NULL, threadIdx.x & 31))
-        return; /* timed out: the comm is dead */
+        break; /* timed out: the comm is dead; the block still meets its barriers */
       nd_ctoken_token<32>(p, nd, pl, out, wire32, (int)t, 0, p.row_vecs,
                           threadIdx.x & 31);
     }

@@ -51,7 +51,8 @@ enum {
   DISCO_ND_PHASE_CACK = 3,
   DISCO_ND_PHASE_CFLAG = 4,
   DISCO_ND_PHASE_DEAD = 5, /* the peer itself timed out earlier */
-  DISCO_ND_PHASE_DCNT = 6
+  DISCO_ND_PHASE_DCNT = 6,
+  DISCO_ND_PHASE_CSTAT = 7
 };
 
 typedef struct disco_nd_params {

@@ -53,6 +53,8 @@ static const char *nd_phase(long long phase) {
       return "its combine partials";
     case DISCO_ND_PHASE_DCNT:
       return "its dispatch counts";
+    case DISCO_ND_PHASE_CSTAT:
+      return "its combine status";
     default:
       return "its flag";
   }
@@ -159,13 +161,15 @@ disco_result_t disco_nd_mark(disco_comm_t *comm, cudaStream_t stream, const char
 }
 
 /* Device waits are bounded by timeout_ms each and a call has several in a
- * row (the pipelined dispatch: acks, counts, then one per source: W + 1);
- * the host allows for that before it calls the device stuck, so that slow
- * but live peers are not reported as a timeout. */
+ * row (the pipelined dispatch: acks, counts, then one per source and part:
+ * 2 + H (W - 1)); the host allows for that before it calls the device stuck,
+ * so that slow but live peers are not reported as a timeout. (The pipelined
+ * combine waits per chunk: peers slower than that can still exceed it.) */
 disco_result_t disco_nd_wait_last(disco_comm_t *comm, const char *fn) {
   disco_nd_state_t *st = comm->backend_state;
   if (!st->last_valid) return DISCO_SUCCESS;
-  const double limit_ms = (comm->world_size + 2.0) * comm->timeout_ms + 1000.0;
+  const double limit_ms =
+      ((comm->world_size - 1.0) * st->nd.dparts + 3.0) * comm->timeout_ms + 1000.0;
   const double deadline = nd_now_ms() + limit_ms;
   for (unsigned it = 0;; it++) {
     cudaError_t e = cudaEventQuery(st->last);
@@ -400,7 +404,8 @@ static disco_result_t nd_make(disco_comm_t *comm, ncclComm_t nccl, int device,
   st->nccl = nccl;
   st->device = device;
   /* Peers beyond this NVLink domain: nothing to set up here, the comm is
-   * remade as nccl once every rank agrees (*extra is compared). */
+   * remade as nccl once every rank agrees (*extra is compared: 1 here, at
+   * least 513 below). */
   const int n = disco_nd_lsa_count(nccl, comm->world_size);
   if (n < 0)
     return disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn,
@@ -410,7 +415,10 @@ static disco_result_t nd_make(disco_comm_t *comm, ncclComm_t nccl, int device,
     *extra = 1;
     return DISCO_SUCCESS;
   }
-  return nd_setup(comm, fn);
+  disco_result_t rc = nd_setup(comm, fn);
+  /* Senders and receivers must cut rows the same way: these two must agree. */
+  *extra = (int64_t)st->nd.cch_rows << 3 | (int64_t)st->nd.dparts;
+  return rc;
 }
 
 disco_result_t disco_comm_create_nccl_device(ncclComm_t nccl_comm,
@@ -423,8 +431,9 @@ disco_result_t disco_comm_create_nccl_device(ncclComm_t nccl_comm,
   *out = NULL;
   disco_result_t rc = disco_nccl_create(
       nccl_comm, config, fn,
-      "num_experts, top_k, hidden, max_tokens, dtype, combine_wire or which peers are "
-      "load-store accessible (DISCO_ND_HOST_PEERS)",
+      "num_experts, top_k, hidden, max_tokens, dtype, combine_wire, DISCO_ND_CHUNK_ROWS, "
+      "DISCO_ND_PIPE_PARTS or which peers are load-store accessible "
+      "(DISCO_ND_HOST_PEERS)",
       nd_make, &comm);
   if (rc != DISCO_SUCCESS) return rc;
   disco_nd_state_t *st = comm->backend_state;
