@@ -36,13 +36,13 @@ __device__ __forceinline__ void nd_chunk_add(const disco_kparams_t &p,
                                              const disco_dev_plan_t &pl, int q,
                                              long long g, unsigned n, int P, u64 v) {
   const long long CH = nd.cch_rows, rows = pl.recv_off[q + 1] - pl.recv_off[q];
-  const long long left = rows - g * CH;
+  const long long left = rows - g * CH, nch = DISCO_ND_CHUNKS(p.max_tokens);
   const unsigned want = (unsigned)((left < CH ? left : CH) * P);
-  unsigned *cnt = nd.cdone + q * DISCO_ND_CHUNKS(p.max_tokens) + g;
+  unsigned *cnt = nd.cdone + q * nch + g;
   if (atomicAdd(cnt, n) + n != want) return;
   __threadfence_system();
   *cnt = 0u; /* nobody else counts this chunk again in this call */
-  nd_st_release(nd_cch(nd, nd.peer[q], p.rank, g, DISCO_ND_CHUNKS(p.max_tokens)), v);
+  nd_st_release(nd_cch(nd, nd.peer[q], p.rank, g, nch), v);
 }
 
 /* A warp has stored received row i (all its pieces): count it at once (a
@@ -101,29 +101,6 @@ __device__ __forceinline__ int nd_pend_at(const disco_kparams_t &p,
   return q;
 }
 
-/* One thread: waits until the partial of chunk g from expert rank d is in:
- * its chunk flag, or d's CFLAG (all of d's partials; our own grid's `sent`
- * word for d == self). 0 after a timeout or a dead peer. */
-static __device__ int nd_wait_chunk(const disco_kparams_t &p, const disco_nd_params_t &nd,
-                                    int d, long long g, u64 c, u64 call) {
-  const int self = d == p.rank;
-  const u64 *fl = nd_cch(nd, nd.local, d, g, DISCO_ND_CHUNKS(p.max_tokens));
-  const u64 *all = self ? nd.sent + 1 : nd_flag(nd, nd.local, p.world, DISCO_ND_CFLAG, d);
-  const u64 deadline = nd_now() + nd.timeout_ns;
-  for (unsigned it = 0;; it++) {
-    if ((long long)((nd_ld_acquire(fl) >> 8) - c) >= 0) return 1;
-    const u64 a = nd_ld_acquire(all);
-    if ((long long)((self ? a : a >> 8) - c) >= 0) return 1;
-    if ((it & 255u) == 255u) {
-      if (nd_dead(nd) || (!self && nd_peer_dead(p, nd, d, call))) return 0;
-      if (nd_now() > deadline) {
-        nd_give_up(p, nd, d, DISCO_ND_PHASE_CFLAG, call, c);
-        return 0;
-      }
-    }
-  }
-}
-
 #define ND_CCACHE 64 /* destinations whose last ready chunk a block remembers */
 
 /* Worker (a block, or a warp when S == 32): waits until the partials of
@@ -145,7 +122,14 @@ __device__ int nd_token_ready(const disco_kparams_t &p, const disco_nd_params_t 
       if (d < 0) break; /* ascending, -1 terminated; destinations distinct */
       const long long g = trow[k] / nd.cch_rows;
       if (cache != NULL && d < ND_CCACHE && cache[d] == g) continue;
-      if (!nd_wait_chunk(p, nd, d, g, c, call)) {
+      /* chunk g's flag, or d's CFLAG for all its partials (this grid's
+       * `sent` word, a bare seq, for our own) */
+      const int self = d == p.rank;
+      const u64 *all =
+          self ? nd.sent + 1 : nd_flag(nd, nd.local, p.world, DISCO_ND_CFLAG, d);
+      if (!nd_wait_either(p, nd,
+                          nd_cch(nd, nd.local, d, g, DISCO_ND_CHUNKS(p.max_tokens)), all,
+                          self, c, d, DISCO_ND_PHASE_CFLAG, call)) {
         ok = 0;
         break;
       }

@@ -78,26 +78,6 @@ static __device__ void nd_part_span(const disco_kparams_t &p, const disco_dev_pl
   *t1 = sh[1];
 }
 
-/* One thread: waits until flag `part` or flag `fin` reaches seq want
- * (bounded); 0 after a timeout or a dead peer. */
-static __device__ int nd_wait_either(const disco_kparams_t &p,
-                                     const disco_nd_params_t &nd, const u64 *part,
-                                     const u64 *fin, u64 want, int q, u64 call) {
-  const u64 deadline = nd_now() + nd.timeout_ns;
-  for (unsigned it = 0;; it++) {
-    if ((long long)((nd_ld_acquire(part) >> 8) - want) >= 0 ||
-        (long long)((nd_ld_acquire(fin) >> 8) - want) >= 0)
-      return 1;
-    if ((it & 255u) == 255u) {
-      if (nd_dead(nd) || nd_peer_dead(p, nd, q, call)) return 0;
-      if (nd_now() > deadline) {
-        nd_give_up(p, nd, q, DISCO_ND_PHASE_DFLAG, call, want);
-        return 0;
-      }
-    }
-  }
-}
-
 __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_dispatch_pipe_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
                             const uint4 *x, const float *w, int T, int layout, int align,
@@ -200,7 +180,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
            : h == H - 1
                ? nd_wait(p, nd, fin, s, q, DISCO_ND_PHASE_DFLAG, call, &v)
                : nd_wait_either(p, nd, nd_flag(nd, nd.local, W, DISCO_ND_DPART + h, q),
-                                fin, s, q, call);
+                                fin, 0, s, q, DISCO_ND_PHASE_DFLAG, call);
     }
     if (!nd_block_all(ok)) return;
     if (tr && e == n_e - 1) nd_trace(nd, 2, s, 4); /* the last source's flag is in */

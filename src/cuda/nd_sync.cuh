@@ -90,6 +90,30 @@ static __device__ int nd_wait(const disco_kparams_t &p, const disco_nd_params_t 
   }
 }
 
+/* Waits until flag `a` or flag `b` reaches seq want: a chunk or part flag,
+ * or the one flag that covers them all. b_raw: b holds the bare seq (this
+ * grid's `sent` word), not seq << 8. peer: who writes them (this rank: only
+ * the comm's own death ends the wait early). One thread, bounded; 0 after a
+ * timeout or a dead peer. */
+static __device__ int nd_wait_either(const disco_kparams_t &p,
+                                     const disco_nd_params_t &nd, const u64 *a,
+                                     const u64 *b, int b_raw, u64 want, int peer,
+                                     int phase, u64 call) {
+  const u64 deadline = nd_now() + nd.timeout_ns;
+  for (unsigned it = 0;; it++) {
+    if ((long long)((nd_ld_acquire(a) >> 8) - want) >= 0) return 1;
+    const u64 v = nd_ld_acquire(b);
+    if ((long long)((b_raw ? v : v >> 8) - want) >= 0) return 1;
+    if ((it & 255u) == 255u) {
+      if (nd_dead(nd) || (peer != p.rank && nd_peer_dead(p, nd, peer, call))) return 0;
+      if (nd_now() > deadline) {
+        nd_give_up(p, nd, peer, phase, call, want);
+        return 0;
+      }
+    }
+  }
+}
+
 /* The whole block waits for `kind` flags of every peer, one peer per thread
  * (polled in parallel: one flag's latency, not W - 1 in a row); 1 in every
  * thread when all arrived, 0 after a timeout or a dead peer. *bad: lowest

@@ -68,9 +68,6 @@ static double wall_us(void) {
   return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec / 1e3;
 }
 
-/* DISCO_BENCH_HOST_US=1: rank 0 also prints the median host time spent
- * inside the call (with idle-stream timing, the part of the timed span the
- * GPU may sit idle for, since each iteration starts from an idle stream). */
 /* Runs warm-up + timed iterations of fn and returns the median in us.
  * Idle-stream timing (default): every iteration waits for the stream and
  * passes a barrier first, so its span includes the host's time in the call
@@ -83,7 +80,10 @@ static double wall_us(void) {
  * keep the ranks in step by themselves.
  * graph: time replays of a CUDA graph of the call (--graph, where the
  * backend can be captured) instead of the call itself; the call runs once
- * uncaptured first (NCCL connects peers lazily, outside any capture). */
+ * uncaptured first (NCCL connects peers lazily, outside any capture).
+ * DISCO_BENCH_HOST_US=1: rank 0 also prints the median host time spent inside
+ * the call (with idle-stream timing, the part of the span the GPU may sit idle
+ * for). */
 static double timed_loop(rank_ctx_t *c, const char *what, op_fn fn, void *arg,
                          int graph) {
   const options_t *opt = c->opt;
