@@ -112,6 +112,8 @@ typedef struct disco_nd_params {
 #define DISCO_ND_TUNE_NO_PIPE 32     /* no pipelined dispatch at any size */
 #define DISCO_ND_TUNE_NO_FUSE 64     /* the layout always as its own launch */
 #define DISCO_ND_TUNE_NO_CPIPE 128   /* no chunk flags, no pipelined combine */
+#define DISCO_ND_TUNE_NO_GROUP 256   /* pipelined senders: one token per ticket */
+#define DISCO_ND_TUNE_NO_SRC_EXPAND 512 /* small dispatch: expand after every flag */
 
 /* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c);
  * kinds: dispatch, combine, pipelined dispatch, pipelined combine. */

@@ -39,6 +39,33 @@ static __device__ void nd_send_one(const disco_kparams_t &p, const disco_nd_para
   nd_copy<false>(&dst, 1, x + (long long)t * nv, 0, nv);
 }
 
+/* Slot k of token t that goes to destination d, or -1. */
+static __device__ __forceinline__ int nd_slot_of(const disco_kparams_t &p,
+                                                 const disco_dev_plan_t &pl, long long t,
+                                                 int d) {
+  const int *dest = pl.tok_dest + t * p.kd;
+  int k = -1;
+  for (int q = 0; q < p.kd; q++) { /* ascending, -1 terminated */
+    const int dq = dest[q];
+    if (dq < 0 || dq > d) break;
+    if (dq == d) k = q;
+  }
+  return k;
+}
+
+/* Tokens per sender ticket for destination d: about one row to d per ticket
+ * (T / rows to d, at most 32: warp 0 checks them with one ballot). With one
+ * token per ticket, K 1 over 4 ranks spent three tickets in four, each an
+ * atomic and two block barriers, on tokens that skip d. */
+static __device__ __forceinline__ int nd_group(const disco_kparams_t &p,
+                                               const disco_dev_plan_t &pl, int tune, int T,
+                                               int d) {
+  if (tune & DISCO_ND_TUNE_NO_GROUP) return 1;
+  const long long n = pl.msg[(long long)d * p.msg_len + DISCO_MSG_TOKENS];
+  const long long g = n > 0 ? T / n : 32;
+  return (int)(g < 1 ? 1 : g > 32 ? 32 : g);
+}
+
 /* Part h of H of the rows to destination d: rows [*lo, *hi) at d (split
  * evenly, as the receiver splits them), held by tokens in [*t0, *t1): the
  * layout blocks around the boundaries, found by binary search over the
@@ -121,18 +148,25 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
       long long lo = 0, hi = 1ll << 62; /* rows of this part at d */
       int t0 = 0, t1 = T;               /* tokens that may hold them */
       if (step != 0 && H > 1) nd_part_span(p, pl, T, d, h, H, &lo, &hi, &t0, &t1);
-      const int S = DISCO_ND_THREADS;
-      for (long long t = st == 0 ? t0 + nd_share<S>(nd_ask<S>(c)) : t1, a; t < t1;
-           t = t0 + nd_share<S>(a)) {
-        const int *dest = pl.tok_dest + t * p.kd;
+      const int S = DISCO_ND_THREADS, G = nd_group(p, pl, nd.tune, T, d);
+      const long long ng = (t1 - t0 + G - 1) / G; /* tickets of G tokens */
+      __shared__ int ks[32];
+      __shared__ unsigned km;
+      for (long long g = st == 0 ? nd_share<S>(nd_ask<S>(c)) : ng, a; g < ng;
+           g = nd_share<S>(a)) {
+        const long long ta = t0 + g * G, n = t1 - ta < G ? t1 - ta : G;
         a = nd_ask<S>(c);
-        int k = -1;
-        for (int q = 0; q < p.kd; q++) { /* ascending, -1 terminated */
-          const int dq = dest[q];
-          if (dq < 0 || dq > d) break;
-          if (dq == d) k = q;
+        if (threadIdx.x < 32) { /* warp 0: which of the G tokens go to d */
+          const int k = threadIdx.x < n ? nd_slot_of(p, pl, ta + threadIdx.x, d) : -1;
+          const unsigned m = __ballot_sync(0xffffffffu, k >= 0);
+          ks[threadIdx.x] = k;
+          if (threadIdx.x == 0) km = m;
         }
-        if (k >= 0) nd_send_one(p, nd, pl, x, w, (int)t, k, d, rank_major, lo, hi);
+        __syncthreads();
+        for (unsigned m = km; m != 0u; m &= m - 1u) {
+          const int j = __ffs(m) - 1;
+          nd_send_one(p, nd, pl, x, w, (int)(ta + j), ks[j], d, rank_major, lo, hi);
+        }
       }
       if (nd_last_of(&nd.step[h * W + step], (unsigned)ns)) {
         *c = 0ull;
