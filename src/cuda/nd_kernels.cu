@@ -40,8 +40,8 @@ extern "C" unsigned long long disco_nd_window_layout(const disco_kparams_t *p,
  * counts-only or failed-rank call), one launch: [block 0 makes the layout]
  * -> acks of the previous call -> block 0 sends the counts, the others the
  * rows (flags by the last block) -> block 0 makes the receive plan once the
- * counts are in -> every block expands its share of each source's rows as
- * that source's flag lands (own rows first) -> the last block acks. Blocks are co-resident (cooperative launch): they wait for each
+ * counts are in, then waits for the rows -> every block expands -> the last
+ * block acks. Blocks are co-resident (cooperative launch): they wait for each
  * other only through block 0's words (lay, plan) and the counters. */
 __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_dispatch_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
@@ -107,22 +107,16 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_trace(nd, 0, s, 3);
   }
   /* 3. Block 0: the receive plan as soon as every rank's counts are in (their
-   * rows still on the way). By source (default): every block then expands our
-   * own rows once this grid has stored them, then source r - 1, r - 2, ... as
-   * each one's flag lands, so the expand overlaps the last sources' sends.
-   * Else block 0 waits for every source's data, this rank's own slot included
-   * (written by other blocks of this grid), and all expand at once. */
-  const int by_src = W > 1 && !(nd.tune & DISCO_ND_TUNE_NO_SRC_EXPAND);
+   * rows still on the way), then every source's data, this rank's own slot
+   * included (written by other blocks of this grid): go. */
   if (b == 0) {
     ok = nd_wait_all(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad, &code);
     if (tr) nd_trace(nd, 0, s, 2);
     if (!ok) return;
     nd_make_plan(p, nd, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap, call);
-    if (!by_src) {
-      ok = nd_wait_all(p, nd, DISCO_ND_DFLAG, s, DISCO_ND_PHASE_DFLAG, call, &bad, &code);
-      if (threadIdx.x == 0) ok = ok && nd_wait_block0(nd, &nd.sent[0], s);
-      if (tr) nd_trace(nd, 0, s, 4);
-    }
+    ok = nd_wait_all(p, nd, DISCO_ND_DFLAG, s, DISCO_ND_PHASE_DFLAG, call, &bad, &code);
+    if (threadIdx.x == 0) ok = ok && nd_wait_block0(nd, &nd.sent[0], s);
+    if (tr) nd_trace(nd, 0, s, 4);
     if (!nd_block_all(ok)) return;
     if (threadIdx.x == 0) {
       __threadfence();
@@ -135,37 +129,21 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   }
   /* 4. Expand (nothing reaches the caller unless every rank is fine and the
    * rows fit), padding rows. */
-  const int go = rows_on && *(volatile int32_t *)pl.go;
-  for (int e = 0; e < (by_src ? W : 1); e++) {
-    const int q = (r - e + W) % W; /* by source: ours first */
-    if (by_src) { /* every source's flag, rows or not: then we may ack */
-      if (threadIdx.x == 0) {
-        u64 v;
-        ok = e == 0 ? nd_wait_block0(nd, &nd.sent[0], s)
-                    : nd_wait(p, nd, nd_flag(nd, nd.local, W, DISCO_ND_DFLAG, q), s, q,
-                              DISCO_ND_PHASE_DFLAG, call, &v);
-      }
-      if (!nd_block_all(ok)) return;
-      if (tr && e == W - 1) nd_trace(nd, 0, s, 4); /* the last source's flag is in */
-    }
-    if (!go) continue;
-    const long long first = by_src ? pl.recv_off[q] : 0;
-    const long long R = by_src ? pl.recv_off[q + 1] - first : pl.recv_off[W];
+  if (rows_on && *(volatile int32_t *)pl.go) {
+    const long long R = pl.recv_off[W];
     const int warp = !(nd.tune & DISCO_ND_TUNE_BLOCK_EXPAND) &&
                      (R >= (long long)nb * (DISCO_ND_THREADS / 32) ||
                       (nd.tune & DISCO_ND_TUNE_FORCE_WARP));
-    nd_expand_range(p, nd, pl, x, first, R, nb, warp,
-                    &nd.ctr[by_src ? DISCO_ND_CTR_SRC(W, q, 0) : DISCO_ND_CTR_EXPAND],
+    nd_expand_range(p, nd, pl, x, 0, R, nb, warp, &nd.ctr[DISCO_ND_CTR_EXPAND],
                     rank_major, recv_x, src_rank, src_token, expert, weight);
+    if (!rank_major && align > 1)
+      nd_pad_rows(p, pl, b, nb, recv_x, src_rank, src_token, expert, weight);
   }
-  if (go && !rank_major && align > 1)
-    nd_pad_rows(p, pl, b, nb, recv_x, src_rank, src_token, expert, weight);
   if (tr) nd_trace(nd, 0, s, 6);
   /* 5. Done reading the slots: ack every source; next call's sequence. */
   if (nd_last_block(&nd.done[2])) {
     nd_flag_peers(nd, W, r, DISCO_ND_DACK, s << 8);
     nd.ctr[DISCO_ND_CTR_EXPAND] = 0ull;
-    for (int q = 0; q < W; q++) nd.ctr[DISCO_ND_CTR_SRC(W, q, 0)] = 0ull;
     nd.seq[0] = s;
     nd_trace(nd, 0, s, 7);
   }
@@ -195,8 +173,8 @@ static cudaError_t nd_launch(const void *fn, int grid, size_t smem, void **args,
 }
 
 extern "C" cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, int *grid,
-                                         size_t *fuse_smem) {
-  int dev = 0, sms = 0, a = 0, a1 = 0, c = 0, q = 0;
+                                         int *grid2, size_t *fuse_smem) {
+  int dev = 0, sms = 0, a = 0, a1 = 0, c = 0, c1 = 0, c2 = 0, q = 0;
   /* The layout's shared memory, when a layout block is the kernel's block */
   const size_t lsm = 32 * p->layout_warps == DISCO_ND_THREADS ? disco_layout_smem(p) : 0;
   cudaError_t e = cudaGetDevice(&dev);
@@ -209,8 +187,14 @@ extern "C" cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, 
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&a1, nd_dispatch_kernel,
                                                       DISCO_ND_THREADS, lsm);
   if (e == cudaSuccess)
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c, disco_nd_combine_kernel(),
-                                                      DISCO_ND_THREADS, 0);
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &c, disco_nd_combine_kernel(DISCO_ND_COMBINE_GENERAL), DISCO_ND_THREADS, 0);
+  if (e == cudaSuccess)
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &c1, disco_nd_combine_kernel(DISCO_ND_COMBINE_FEW), DISCO_ND_THREADS, 0);
+  if (e == cudaSuccess)
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &c2, disco_nd_combine_kernel(DISCO_ND_COMBINE_WIDE), DISCO_ND_THREADS, 0);
   if (e == cudaSuccess)
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&q, disco_nd_pipe_kernel(),
                                                       DISCO_ND_THREADS, 0);
@@ -221,6 +205,9 @@ extern "C" cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, 
   if (q < a) a = q;
   *grid = (a < c ? a : c) * sms;
   if (*grid < 1) *grid = 1;
+  if (c2 < c1) c1 = c2;
+  *grid2 = (c1 < *grid / sms ? c1 : *grid / sms) * sms;
+  if (*grid2 < 1) *grid2 = 1;
   return cudaSuccess;
 }
 
@@ -283,5 +270,12 @@ extern "C" cudaError_t disco_nd_k_combine(const disco_kparams_t *p,
   uint4 *o = (uint4 *)out;
   void *args[] = {&kp, &ndp, &plan, &yv, &yr, &wt, &w32, &rm, &stt, &o, &T, &cpipe};
   const long long work = (long long)p->world * (long long)(T > 0 ? T : 1);
-  return nd_launch(disco_nd_combine_kernel(), nd_grid(nd, work), 0, args, stream);
+  /* K <= 2, dtype wire: every fold has one or two rows (nd_rows.cuh) */
+  const int mode = p->top_k <= 2 && !w32 && !(nd->tune & DISCO_ND_TUNE_NO_VBATCH)
+                       ? DISCO_ND_COMBINE_FEW
+                   : nd->tune & DISCO_ND_TUNE_WIDE ? DISCO_ND_COMBINE_WIDE
+                                                   : DISCO_ND_COMBINE_GENERAL;
+  int grid = nd_grid(nd, work);
+  if (mode != DISCO_ND_COMBINE_GENERAL && grid > nd->max_grid2) grid = nd->max_grid2;
+  return nd_launch(disco_nd_combine_kernel(mode), grid, 0, args, stream);
 }
