@@ -141,8 +141,7 @@ __device__ int nd_token_ready(const disco_kparams_t &p, const disco_nd_params_t 
   return S == 32 ? ok : nd_block_all(ok);
 }
 
-template <int FEW, int MINB>
-__global__ void __launch_bounds__(DISCO_ND_THREADS, MINB)
+__global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_combine_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
                       const uint4 *y, long long y_rows, int weighted, int wire32,
                       int rank_major, int status_in, uint4 *out, int T, int cpipe) {
@@ -208,9 +207,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, MINB)
         if (i < 0) continue;
         const int q = chunks ? nd_pend_at(p, nd, pl, pd, i, P, cv) : -1;
         nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
-        const int sent =
-            nd_csend_token<S, FEW>(p, nd, pl, y, i, weighted, wire32, rank_major, lo, hi,
-                                   sel, threadIdx.x); /* block-uniform */
+        const int sent = nd_csend_token<S>(p, nd, pl, y, i, weighted, wire32, rank_major,
+                                           lo, hi, sel, threadIdx.x); /* block-uniform */
         if (sent && q >= 0 && q < ND_PEND_MAX) {
           if (threadIdx.x == 0) pd.n[q]++;
         } else if (sent && q >= ND_PEND_MAX) { /* a world too large to track */
@@ -227,8 +225,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, MINB)
         const long long i = nd_citem_row(pl, W, r, j, rr);
         a = nd_ask<32>(ct);
         if (i >= 0 &&
-            nd_csend_token<32, 0>(p, nd, pl, y, i, weighted, wire32, rank_major, 0,
-                                  p.row_vecs, sel, threadIdx.x & 31) &&
+            nd_csend_token<32>(p, nd, pl, y, i, weighted, wire32, rank_major, 0,
+                               p.row_vecs, sel, threadIdx.x & 31) &&
             chunks)
           nd_chunk_row_warp(p, nd, pl, i, cv);
       }
@@ -266,8 +264,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, MINB)
       if (cpipe &&
           !nd_token_ready<32>(p, nd, pl, (int)t, c, call, NULL, threadIdx.x & 31))
         break; /* timed out: the comm is dead; the block still meets its barriers */
-      nd_ctoken_token<32, 0>(p, nd, pl, out, wire32, (int)t, 0, p.row_vecs,
-                             threadIdx.x & 31);
+      nd_ctoken_token<32>(p, nd, pl, out, wire32, (int)t, 0, p.row_vecs,
+                          threadIdx.x & 31);
     }
   } else if (ok == 1) {
     __shared__ long long cache[ND_CCACHE];
@@ -281,7 +279,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, MINB)
           !nd_token_ready<S>(p, nd, pl, (int)(it / P), c, call, cache, threadIdx.x))
         return;
       nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
-      nd_ctoken_token<S, FEW>(p, nd, pl, out, wire32, (int)(it / P), lo, hi, threadIdx.x);
+      nd_ctoken_token<S>(p, nd, pl, out, wire32, (int)(it / P), lo, hi, threadIdx.x);
     }
   }
   if (tr) nd_trace(nd, kind, c, cpipe ? 4 : 5);
@@ -293,12 +291,6 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, MINB)
   }
 }
 
-/* DISCO_ND_COMBINE_*: the general folds, 3 blocks per SM (80 registers a
- * thread); the folds of one or two rows batched over vectors, 2 blocks per
- * SM (they need ~100 registers: at 80, 548 bytes of spills); the general
- * folds at 2 blocks per SM (A/B). */
-extern "C" const void *disco_nd_combine_kernel(int mode) {
-  return mode == DISCO_ND_COMBINE_FEW    ? (const void *)nd_combine_kernel<1, 2>
-         : mode == DISCO_ND_COMBINE_WIDE ? (const void *)nd_combine_kernel<0, 2>
-                                         : (const void *)nd_combine_kernel<0, 3>;
+extern "C" const void *disco_nd_combine_kernel(void) {
+  return (const void *)nd_combine_kernel;
 }

@@ -173,8 +173,8 @@ static cudaError_t nd_launch(const void *fn, int grid, size_t smem, void **args,
 }
 
 extern "C" cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, int *grid,
-                                         int *grid2, size_t *fuse_smem) {
-  int dev = 0, sms = 0, a = 0, a1 = 0, c = 0, c1 = 0, c2 = 0, q = 0;
+                                         size_t *fuse_smem) {
+  int dev = 0, sms = 0, a = 0, a1 = 0, c = 0, q = 0;
   /* The layout's shared memory, when a layout block is the kernel's block */
   const size_t lsm = 32 * p->layout_warps == DISCO_ND_THREADS ? disco_layout_smem(p) : 0;
   cudaError_t e = cudaGetDevice(&dev);
@@ -187,14 +187,8 @@ extern "C" cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, 
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&a1, nd_dispatch_kernel,
                                                       DISCO_ND_THREADS, lsm);
   if (e == cudaSuccess)
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &c, disco_nd_combine_kernel(DISCO_ND_COMBINE_GENERAL), DISCO_ND_THREADS, 0);
-  if (e == cudaSuccess)
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &c1, disco_nd_combine_kernel(DISCO_ND_COMBINE_FEW), DISCO_ND_THREADS, 0);
-  if (e == cudaSuccess)
-    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &c2, disco_nd_combine_kernel(DISCO_ND_COMBINE_WIDE), DISCO_ND_THREADS, 0);
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c, disco_nd_combine_kernel(),
+                                                      DISCO_ND_THREADS, 0);
   if (e == cudaSuccess)
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&q, disco_nd_pipe_kernel(),
                                                       DISCO_ND_THREADS, 0);
@@ -205,9 +199,6 @@ extern "C" cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, 
   if (q < a) a = q;
   *grid = (a < c ? a : c) * sms;
   if (*grid < 1) *grid = 1;
-  if (c2 < c1) c1 = c2;
-  *grid2 = (c1 < *grid / sms ? c1 : *grid / sms) * sms;
-  if (*grid2 < 1) *grid2 = 1;
   return cudaSuccess;
 }
 
@@ -270,12 +261,5 @@ extern "C" cudaError_t disco_nd_k_combine(const disco_kparams_t *p,
   uint4 *o = (uint4 *)out;
   void *args[] = {&kp, &ndp, &plan, &yv, &yr, &wt, &w32, &rm, &stt, &o, &T, &cpipe};
   const long long work = (long long)p->world * (long long)(T > 0 ? T : 1);
-  /* K <= 2, dtype wire: every fold has one or two rows (nd_rows.cuh) */
-  const int mode = p->top_k <= 2 && !w32 && !(nd->tune & DISCO_ND_TUNE_NO_VBATCH)
-                       ? DISCO_ND_COMBINE_FEW
-                   : nd->tune & DISCO_ND_TUNE_WIDE ? DISCO_ND_COMBINE_WIDE
-                                                   : DISCO_ND_COMBINE_GENERAL;
-  int grid = nd_grid(nd, work);
-  if (mode != DISCO_ND_COMBINE_GENERAL && grid > nd->max_grid2) grid = nd->max_grid2;
-  return nd_launch(disco_nd_combine_kernel(mode), grid, 0, args, stream);
+  return nd_launch(disco_nd_combine_kernel(), nd_grid(nd, work), 0, args, stream);
 }

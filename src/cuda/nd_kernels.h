@@ -70,7 +70,6 @@ typedef struct disco_nd_params {
   unsigned long long *sent; /* device [2]: last dispatch / combine whose local
                                stores (all blocks) are done */
   int max_grid;             /* co-resident blocks of one launch */
-  int max_grid2;            /* the same for the 2-blocks-per-SM combine kernels */
   unsigned long long
       test_self_delay_ns;     /* test hook, 0: off (DISCO_ND_TEST_SELF_DELAY_US) */
   unsigned long long *fatal;  /* device word, != 0 after a timeout: exit */
@@ -80,6 +79,7 @@ typedef struct disco_nd_params {
   int tune;         /* DISCO_ND_TUNE bits (A/B of kernel variants), 0: the defaults */
   int pipe_min;     /* tokens from which dispatch pipelines (nd_pipe.cu) */
   int expand_pct;   /* share of the pipelined dispatch's blocks that expand */
+  int expand_items; /* block-mode expand: row pieces per block (nd_parts) */
   int dparts;       /* parts of a destination's rows in the pipelined dispatch */
   int cpipe_min;    /* tokens from which the combine's token side pipelines;
                        chunk flags go out from W * cpipe_min / 2 received rows */
@@ -114,8 +114,7 @@ typedef struct disco_nd_params {
 #define DISCO_ND_TUNE_NO_FUSE 64     /* the layout always as its own launch */
 #define DISCO_ND_TUNE_NO_CPIPE 128   /* no chunk flags, no pipelined combine */
 #define DISCO_ND_TUNE_NO_GROUP 256   /* pipelined senders: one token per ticket */
-#define DISCO_ND_TUNE_NO_VBATCH 512  /* combine, K <= 2: the general folds */
-#define DISCO_ND_TUNE_WIDE 1024      /* combine, K > 2: general folds, 2 blocks/SM */
+#define DISCO_ND_TUNE_NO_VBATCH 512  /* combine: one-row folds as the general */
 
 /* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c);
  * kinds: dispatch, combine, pipelined dispatch, pipelined combine. */
@@ -130,12 +129,7 @@ typedef struct disco_nd_params {
 const void *disco_nd_pipe_kernel(void);
 /* The combine (nd_combine.cu): plain, or pipelined (cpipe: the token side
  * folds each token as soon as the chunks holding its partials are in). */
-enum {
-  DISCO_ND_COMBINE_GENERAL = 0,
-  DISCO_ND_COMBINE_FEW = 1,
-  DISCO_ND_COMBINE_WIDE = 2
-};
-const void *disco_nd_combine_kernel(int mode);
+const void *disco_nd_combine_kernel(void);
 
 /* Window bytes per rank and the offsets, a pure function of the sizes. */
 unsigned long long disco_nd_window_layout(const disco_kparams_t *p, int part_vecs,
@@ -164,7 +158,7 @@ typedef struct disco_nd_io {
  * the SMs counted); *fuse_smem: the layout's shared memory when the dispatch
  * kernel can make the layout itself without losing occupancy, else 0. */
 cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, int *grid,
-                              int *grid2, size_t *fuse_smem);
+                              size_t *fuse_smem);
 /* The routing layout (io->topk_idx; a batch of one layout block: by block 0
  * of the same launch, else its own kernel first), then one cooperative
  * launch that sends, receives, makes the receive plan, expands and acks.

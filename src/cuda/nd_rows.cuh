@@ -191,7 +191,7 @@ static __device__ void nd_expand_range(const disco_kparams_t &p,
     }
     return;
   }
-  const int P = nd_parts(nb, n, nv), S = DISCO_ND_THREADS;
+  const int P = nd_parts(nb, n, nv, nd.expand_items), S = DISCO_ND_THREADS;
   for (long long it = nd_share<S>(nd_ask<S>(ctr)), a; it < n * P; it = nd_share<S>(a)) {
     int lo, hi;
     a = nd_ask<S>(ctr);
@@ -218,83 +218,54 @@ __device__ __forceinline__ long long nd_citem_row(const disco_dev_plan_t &pl, in
   return k < pl.recv_off[q + 1] - pl.recv_off[q] ? pl.recv_off[q] + k : -1;
 }
 
-/* Folds of one or two rows, dtype on the wire, block workers. The general
- * folds batch over rows, so with one or two rows per vector (K 1; most K 2
- * tokens) a thread kept one or two loads in flight and waited a load
- * latency per vector: the token side of 4096 tokens K 1 ended ~50 us after
- * the last partial (run 25). These keep DISCO_BATCH loads in flight over
- * vectors; the arithmetic is the general folds' (first term, then __fadd_rn
- * in order; docs/semantics.md). They live in a combine kernel of their own
- * (FEW, for K <= 2 and dtype wire): inlined into the general one they took
- * its spills from 64 to 1028 bytes (ptxas, 80 registers a thread). */
+/* Folds of one row (K 1), dtype on the wire, block workers. The general
+ * folds batch over rows, so with one row a thread kept one load in flight
+ * and waited a load latency per vector: the token side of 4096 tokens K 1
+ * ended ~50 us after the last partial (run 25). These keep DISCO_BATCH
+ * vectors in flight; the arithmetic is the general folds' with one term
+ * (docs/semantics.md). Run 26 (a first version, in a kernel of its own):
+ * 4096 tokens K 1 combine 215.6 -> 209.1 us; a two-row version lost 6 us
+ * at K 2 and spilled at 80 registers a thread, this one costs 4 bytes. */
 
-/* Expert side, N rows of y (local experts ascending) folded into dst[v]. */
-template <int N>
-__device__ __forceinline__ void nd_fold_expert_few(const uint4 *y, const int *rws,
-                                                   const float *ws, int nv, int weighted,
-                                                   int dtype, uint4 *dst, int lo,
-                                                   int hi) {
-  constexpr int VB = DISCO_BATCH / N, S = DISCO_ND_THREADS;
-  const uint4 *src[N];
-  float wk[N];
-#pragma unroll
-  for (int k = 0; k < N; k++) {
-    src[k] = y + (long long)rws[k] * nv;
-    wk[k] = ws[k];
-  }
+/* Expert side: dst[v] = w * src[v] (or src[v]) in the dtype. */
+__device__ __forceinline__ void nd_fold_expert_one(const uint4 *src, float wk,
+                                                   int weighted, int dtype, uint4 *dst,
+                                                   int lo, int hi) {
+  constexpr int VB = DISCO_BATCH, S = DISCO_ND_THREADS;
   for (int v0 = lo + (int)threadIdx.x; v0 < hi; v0 += VB * S) {
-    uint4 a[VB][N];
+    uint4 a[VB];
 #pragma unroll
     for (int u = 0; u < VB; u++)
-#pragma unroll
-      for (int k = 0; k < N; k++)
-        if (v0 + u * S < hi) a[u][k] = __ldg(src[k] + v0 + u * S);
+      if (v0 + u * S < hi) a[u] = __ldg(src + v0 + u * S);
 #pragma unroll
     for (int u = 0; u < VB; u++) {
       if (v0 + u * S < hi) {
-        float acc[8];
+        float f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, acc[8];
+        disco_unpack(a[u], dtype, f);
 #pragma unroll
-        for (int k = 0; k < N; k++) {
-          float f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-          disco_unpack(a[u][k], dtype, f);
-#pragma unroll
-          for (int e = 0; e < 8; e++) {
-            const float term = weighted ? __fmul_rn(wk[k], f[e]) : f[e];
-            acc[e] = k == 0 ? term : __fadd_rn(acc[e], term);
-          }
-        }
+        for (int e = 0; e < 8; e++) acc[e] = weighted ? __fmul_rn(wk, f[e]) : f[e];
         dst[v0 + u * S] = disco_pack(acc, dtype);
       }
     }
   }
 }
 
-/* Token side, N partial rows (destinations ascending; written by other GPUs:
- * read through L2) folded into out[v]. */
-template <int N>
-__device__ __forceinline__ void nd_fold_token_few(const uint4 *r0, const uint4 *r1,
-                                                  int dtype, uint4 *out, int lo, int hi) {
-  constexpr int VB = DISCO_BATCH / N, S = DISCO_ND_THREADS;
+/* Token side: out[v] = the one partial (written by other GPUs: read through
+ * L2) in the dtype. */
+__device__ __forceinline__ void nd_fold_token_one(const uint4 *row, int dtype, uint4 *out,
+                                                  int lo, int hi) {
+  constexpr int VB = DISCO_BATCH, S = DISCO_ND_THREADS;
   for (int v0 = lo + (int)threadIdx.x; v0 < hi; v0 += VB * S) {
-    uint4 a[VB][N];
+    uint4 a[VB];
 #pragma unroll
     for (int u = 0; u < VB; u++)
-      if (v0 + u * S < hi) {
-        a[u][0] = __ldcg(r0 + v0 + u * S);
-        if (N == 2) a[u][N - 1] = __ldcg(r1 + v0 + u * S);
-      }
+      if (v0 + u * S < hi) a[u] = __ldcg(row + v0 + u * S);
 #pragma unroll
     for (int u = 0; u < VB; u++) {
       if (v0 + u * S < hi) {
-        float acc[8];
-#pragma unroll
-        for (int k = 0; k < N; k++) {
-          float f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-          disco_unpack(a[u][k], dtype, f);
-#pragma unroll
-          for (int e = 0; e < 8; e++) acc[e] = k == 0 ? f[e] : __fadd_rn(acc[e], f[e]);
-        }
-        out[v0 + u * S] = disco_pack(acc, dtype);
+        float f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        disco_unpack(a[u], dtype, f);
+        out[v0 + u * S] = disco_pack(f, dtype);
       }
     }
   }
@@ -303,7 +274,7 @@ __device__ __forceinline__ void nd_fold_token_few(const uint4 *r0, const uint4 *
 /* Expert side of received token i: fold its rows (EXPERT_MAJOR) or take y's
  * row (RANK_MAJOR), store at the token owner's slot (S threads). 0: skipped
  * (the test hook's other pass). */
-template <int S, int FEW>
+template <int S>
 __device__ int nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
                               const disco_dev_plan_t &pl, const uint4 *y, long long i,
                               int weighted, int wire32, int rank_major, int lo, int hi,
@@ -321,13 +292,10 @@ __device__ int nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t 
   const int *rws = pl.comb_rows + i * K;
   int n = 0;
   while (n < K && rws[n] >= 0) n++;
-  if (FEW && S == DISCO_ND_THREADS && n <= 2 && !wire32) {
-    if (n == 1)
-      nd_fold_expert_few<1>(y, rws, pl.comb_w + i * K, nv, weighted, p.dtype, dst, lo,
-                            hi);
-    else
-      nd_fold_expert_few<2>(y, rws, pl.comb_w + i * K, nv, weighted, p.dtype, dst, lo,
-                            hi);
+  if (S == DISCO_ND_THREADS && n == 1 && !wire32 &&
+      !(nd.tune & DISCO_ND_TUNE_NO_VBATCH)) {
+    nd_fold_expert_one(y + (long long)rws[0] * nv, pl.comb_w[i * K], weighted, p.dtype,
+                       dst, lo, hi);
     return 1;
   }
   for (int v = lo + tid; v < hi; v += S) {
@@ -339,7 +307,7 @@ __device__ int nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t 
 }
 
 /* Token side of token t: fold over destinations ascending (block-wide). */
-template <int S, int FEW>
+template <int S>
 __device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                 const disco_dev_plan_t &pl, uint4 *out, int wire32, int t,
                                 int lo, int hi, int tid) {
@@ -350,14 +318,10 @@ __device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_
   const int *trow = pl.tok_row + (long long)t * kd;
   int n = 0;
   while (n < kd && dest[n] >= 0) n++;
-  if (FEW && S == DISCO_ND_THREADS && n >= 1 && n <= 2 && !wire32) {
-    const uint4 *r0 = part + ((long long)dest[0] * M + trow[0]) * nd.part_vecs;
-    uint4 *o = out + (long long)t * nv;
-    if (n == 1)
-      nd_fold_token_few<1>(r0, r0, p.dtype, o, lo, hi);
-    else
-      nd_fold_token_few<2>(r0, part + ((long long)dest[1] * M + trow[1]) * nd.part_vecs,
-                           p.dtype, o, lo, hi);
+  if (S == DISCO_ND_THREADS && n == 1 && !wire32 &&
+      !(nd.tune & DISCO_ND_TUNE_NO_VBATCH)) {
+    nd_fold_token_one(part + ((long long)dest[0] * M + trow[0]) * nd.part_vecs, p.dtype,
+                      out + (long long)t * nv, lo, hi);
     return;
   }
   for (int v = lo + tid; v < hi; v += S) {

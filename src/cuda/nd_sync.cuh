@@ -181,9 +181,9 @@ static __device__ int nd_wait_block0(const disco_nd_params_t &nd, const u64 *wor
 /* Pieces each row is cut into: about 4 work items per block, so that the
  * dynamic sharing leaves a short tail (small batches: several blocks per
  * row, at most a vector per thread per piece; large ones: a block per row). */
-__device__ __forceinline__ int nd_parts(int nb, long long n, int nv) {
+__device__ __forceinline__ int nd_parts(int nb, long long n, int nv, int per_block = 4) {
   const long long pmax = (nv + DISCO_ND_THREADS - 1) / DISCO_ND_THREADS;
-  const long long pp = n > 0 ? (4ll * nb + n - 1) / n : 1;
+  const long long pp = n > 0 ? ((long long)per_block * nb + n - 1) / n : 1;
   return (int)(pp < 1 ? 1 : pp > pmax ? pmax : pp);
 }
 

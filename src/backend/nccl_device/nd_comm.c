@@ -309,9 +309,9 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
       c->combine_wire == DISCO_COMBINE_WIRE_FP32 && c->dtype != DISCO_DTYPE_FP32;
   const int part_vecs = wire32 ? p->row_vecs * 2 : p->row_vecs;
   st->win_bytes = (size_t)disco_nd_window_layout(p, part_vecs, &st->nd);
-  rc = disco_nccl_cuda(disco_nd_max_grid(p, c->max_sms, &st->nd.max_grid,
-                                         &st->nd.max_grid2, &st->nd.fuse_smem),
-                       fn, "cudaOccupancyMaxActiveBlocksPerMultiprocessor", r);
+  rc = disco_nccl_cuda(
+      disco_nd_max_grid(p, c->max_sms, &st->nd.max_grid, &st->nd.fuse_smem), fn,
+      "cudaOccupancyMaxActiveBlocksPerMultiprocessor", r);
   if (rc != DISCO_SUCCESS) return rc;
   const size_t tpb = 32u * (size_t)p->layout_warps;
   const size_t bmax = c->max_tokens == 0 ? 1 : ((size_t)c->max_tokens + tpb - 1) / tpb;
@@ -371,6 +371,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.pipe_min = nd_env_int("DISCO_ND_PIPE_MIN_TOKENS", ND_PIPE_MIN_TOKENS, 1);
   st->nd.expand_pct = nd_env_int("DISCO_ND_EXPAND_PCT", ND_EXPAND_PCT, 1);
   if (st->nd.expand_pct > 99) st->nd.expand_pct = 99;
+  st->nd.expand_items = nd_env_int("DISCO_ND_EXPAND_ITEMS", 4, 1);
   st->nd.dparts = nd_env_int("DISCO_ND_PIPE_PARTS", ND_PIPE_PARTS, 1);
   if (st->nd.dparts > DISCO_ND_PARTS_MAX) st->nd.dparts = DISCO_ND_PARTS_MAX;
   st->nd.cpipe_min = nd_env_int("DISCO_ND_CPIPE_MIN_TOKENS", ND_CPIPE_MIN_TOKENS, 1);
