@@ -78,8 +78,8 @@ typedef struct disco_nd_params {
   unsigned long long *trace; /* device [KINDS][CALLS][SLOTS] phase times, NULL: off */
   int tune;         /* DISCO_ND_TUNE bits (A/B of kernel variants), 0: the defaults */
   int pipe_min;     /* tokens from which dispatch pipelines (nd_pipe.cu) */
-  int expand_pct;   /* share of the pipelined dispatch's blocks that expand */
-  int expand_items; /* block-mode expand: row pieces per block (nd_parts) */
+  int expand_pct;   /* share of the pipelined dispatch's blocks that expand (0: auto) */
+  int expand_items; /* small dispatch, block-mode expand: row pieces per block */
   int dparts;       /* parts of a destination's rows in the pipelined dispatch */
   int cpipe_min;    /* tokens from which the combine's token side pipelines;
                        chunk flags go out from W * cpipe_min / 2 received rows */

@@ -71,6 +71,25 @@ static __device__ __forceinline__ int nd_group(const disco_kparams_t &p,
   return (int)(g < 1 ? 1 : g > 32 ? 32 : g);
 }
 
+/* Share of the grid that expands (the rest sends). pct 0: half, unless a
+ * sender block would have >= 12 rows per destination at half, then 35%: the
+ * sends set the end (run 27, 4096 tokens K 8: 638.6 -> 601.9 us) and more
+ * sender blocks push more; with fewer rows per block the step tails do, and
+ * fewer expanders only lengthen the expand (35%: 4096 K 1 +27 us, 1024 K 8
+ * +27 us; H 4096 K 2 E 8, 8 rows per block, the same). Every block reads
+ * the same counts (the layout kernel ran before), so all agree. */
+static __device__ __forceinline__ int nd_expand_pct(const disco_kparams_t &p,
+                                                    const disco_dev_plan_t &pl, int pct,
+                                                    int nb) {
+  if (pct != 0) return pct;
+  long long most = 0;
+  for (int d = 0; d < p.world; d++) {
+    const long long n = pl.msg[(long long)d * p.msg_len + DISCO_MSG_TOKENS];
+    if (d != p.rank && n > most) most = n;
+  }
+  return most >= 12ll * (nb - nb / 2) ? 35 : 50;
+}
+
 /* Part h of H of the rows to destination d: rows [*lo, *hi) at d (split
  * evenly, as the receiver splits them), held by tokens in [*t0, *t1): the
  * layout blocks around the boundaries, found by binary search over the
@@ -121,8 +140,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   if (nd_dead(nd)) return;
   const int W = p.world, r = p.rank, b = blockIdx.x, nb = gridDim.x;
   const int rank_major = layout == DISCO_LAYOUT_RANK_MAJOR;
-  int nx = (int)((long long)nb * nd.expand_pct / 100); /* expander blocks */
-  nx = nx < 1 ? 1 : nx > nb - 1 ? nb - 1 : nx;         /* the launcher ensures nb >= 2 */
+  int nx = (int)((long long)nb * nd_expand_pct(p, pl, nd.expand_pct, nb) / 100);
+  nx = nx < 1 ? 1 : nx > nb - 1 ? nb - 1 : nx; /* the launcher ensures nb >= 2 */
   const int ns = nb - nx;
   const u64 s = nd.seq[0] + 1ull;
   const u64 call = (u64)call_kind << 32 | (s & 0xffffffffull);
@@ -231,7 +250,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                      (n >= (long long)nx * (DISCO_ND_THREADS / 32) ||
                       (nd.tune & DISCO_ND_TUNE_FORCE_WARP));
     nd_expand_range(p, nd, pl, x, first + lo, n, nx, warp,
-                    &nd.ctr[DISCO_ND_CTR_SRC(W, q, h)], rank_major, recv_x, src_rank,
+                    &nd.ctr[DISCO_ND_CTR_SRC(W, q, h)], 4, rank_major, recv_x, src_rank,
                     src_token, expert, weight);
   }
   if (go && !rank_major && align > 1)

@@ -169,12 +169,13 @@ static __device__ void nd_pad_rows(const disco_kparams_t &p, const disco_dev_pla
 
 /* Expands received rows [first, first + n) (one source's, or all), workers
  * sharing them through *ctr: a warp per row when `warp`, else the block per
- * piece of a row (pieces so that n rows keep nb blocks busy). */
+ * piece of a row (about `items` pieces per block, so that n rows keep nb
+ * blocks busy). */
 static __device__ void nd_expand_range(const disco_kparams_t &p,
                                        const disco_nd_params_t &nd,
                                        const disco_dev_plan_t &pl, const uint4 *x,
                                        long long first, long long n, int nb, int warp,
-                                       unsigned long long *ctr, int rank_major,
+                                       unsigned long long *ctr, int items, int rank_major,
                                        uint4 *recv_x, int *src_rank, int *src_token,
                                        int *expert, float *weight) {
   const int nv = p.row_vecs;
@@ -191,7 +192,7 @@ static __device__ void nd_expand_range(const disco_kparams_t &p,
     }
     return;
   }
-  const int P = nd_parts(nb, n, nv, nd.expand_items), S = DISCO_ND_THREADS;
+  const int P = nd_parts(nb, n, nv, items), S = DISCO_ND_THREADS;
   for (long long it = nd_share<S>(nd_ask<S>(ctr)), a; it < n * P; it = nd_share<S>(a)) {
     int lo, hi;
     a = nd_ask<S>(ctr);
@@ -223,9 +224,10 @@ __device__ __forceinline__ long long nd_citem_row(const disco_dev_plan_t &pl, in
  * and waited a load latency per vector: the token side of 4096 tokens K 1
  * ended ~50 us after the last partial (run 25). These keep DISCO_BATCH
  * vectors in flight; the arithmetic is the general folds' with one term
- * (docs/semantics.md). Run 26 (a first version, in a kernel of its own):
- * 4096 tokens K 1 combine 215.6 -> 209.1 us; a two-row version lost 6 us
- * at K 2 and spilled at 80 registers a thread, this one costs 4 bytes. */
+ * (docs/semantics.md). Run 27: 4096 tokens K 1 combine 217.1 -> 196.0 us,
+ * 1024 tokens K 1 73.6 -> 70.5 us; at 80 registers a thread they cost 4
+ * bytes of spills. K 1 only: with them on the one-row tokens of K 2
+ * (H 4096, E 8) that combine lost 6 us, in runs 26 and 27. */
 
 /* Expert side: dst[v] = w * src[v] (or src[v]) in the dtype. */
 __device__ __forceinline__ void nd_fold_expert_one(const uint4 *src, float wk,
@@ -292,7 +294,7 @@ __device__ int nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t 
   const int *rws = pl.comb_rows + i * K;
   int n = 0;
   while (n < K && rws[n] >= 0) n++;
-  if (S == DISCO_ND_THREADS && n == 1 && !wire32 &&
+  if (S == DISCO_ND_THREADS && K == 1 && n == 1 && !wire32 &&
       !(nd.tune & DISCO_ND_TUNE_NO_VBATCH)) {
     nd_fold_expert_one(y + (long long)rws[0] * nv, pl.comb_w[i * K], weighted, p.dtype,
                        dst, lo, hi);
@@ -318,7 +320,7 @@ __device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_
   const int *trow = pl.tok_row + (long long)t * kd;
   int n = 0;
   while (n < kd && dest[n] >= 0) n++;
-  if (S == DISCO_ND_THREADS && n == 1 && !wire32 &&
+  if (S == DISCO_ND_THREADS && p.top_k == 1 && n == 1 && !wire32 &&
       !(nd.tune & DISCO_ND_TUNE_NO_VBATCH)) {
     nd_fold_token_one(part + ((long long)dest[0] * M + trow[0]) * nd.part_vecs, p.dtype,
                       out + (long long)t * nv, lo, hi);

@@ -18,9 +18,13 @@
 #define ND_SMALL_PEER_OFF 72u
 
 /* Pipelined dispatch from this many tokens on, with this share of the
- * blocks expanding (docs/nccl_device.md; env overrides for tuning). */
+ * blocks expanding (0: chosen per call by the kernel, nd_pipe.cu;
+ * docs/nccl_device.md; env overrides for tuning). */
 #define ND_PIPE_MIN_TOKENS 1024
-#define ND_EXPAND_PCT 50
+#define ND_EXPAND_PCT 0
+/* Small dispatch: row pieces per block in the expand (run 27: 1 against 4
+ * took 128 tokens K 8 from 70.0 to 66.0 us, 32 tokens K 8 50.5 -> 47.3) */
+#define ND_EXPAND_ITEMS 1
 #define ND_PIPE_PARTS 1 /* parts per destination (2: see docs/nccl_device.md) */
 /* Pipelined combine (token side folds as chunks land) from this many tokens,
  * with this share of the blocks starting on the token side. */
@@ -371,7 +375,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.pipe_min = nd_env_int("DISCO_ND_PIPE_MIN_TOKENS", ND_PIPE_MIN_TOKENS, 1);
   st->nd.expand_pct = nd_env_int("DISCO_ND_EXPAND_PCT", ND_EXPAND_PCT, 1);
   if (st->nd.expand_pct > 99) st->nd.expand_pct = 99;
-  st->nd.expand_items = nd_env_int("DISCO_ND_EXPAND_ITEMS", 4, 1);
+  st->nd.expand_items = nd_env_int("DISCO_ND_EXPAND_ITEMS", ND_EXPAND_ITEMS, 1);
   st->nd.dparts = nd_env_int("DISCO_ND_PIPE_PARTS", ND_PIPE_PARTS, 1);
   if (st->nd.dparts > DISCO_ND_PARTS_MAX) st->nd.dparts = DISCO_ND_PARTS_MAX;
   st->nd.cpipe_min = nd_env_int("DISCO_ND_CPIPE_MIN_TOKENS", ND_CPIPE_MIN_TOKENS, 1);
