@@ -60,9 +60,17 @@ static __device__ void disco_recv_plan_body(const disco_kparams_t &p,
     if (recv[(long long)s * ml + DISCO_MSG_CODE] != 0) ok = 0;
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
     long long acc = 0;
-    for (int s = 0; s < W; s++) {
-      pl.srcbase[(long long)s * L + l] = acc; /* group start added below */
-      acc += recv[(long long)s * ml + DISCO_MSG_COUNTS + l];
+    for (int s0 = 0; s0 < W; s0 += 8) { /* loads in batches (see the layout's) */
+      long long n[8];
+#pragma unroll
+      for (int u = 0; u < 8; u++)
+        n[u] = s0 + u < W ? recv[(long long)(s0 + u) * ml + DISCO_MSG_COUNTS + l] : 0;
+#pragma unroll
+      for (int u = 0; u < 8; u++)
+        if (s0 + u < W) {
+          pl.srcbase[(long long)(s0 + u) * L + l] = acc; /* group start added below */
+          acc += n[u];
+        }
     }
     pl.exp_total[l] = acc;
   }
