@@ -115,6 +115,7 @@ typedef struct disco_nd_params {
 #define DISCO_ND_TUNE_NO_CPIPE 128   /* no chunk flags, no pipelined combine */
 #define DISCO_ND_TUNE_NO_GROUP 256   /* pipelined senders: one token per ticket */
 #define DISCO_ND_TUNE_NO_VBATCH 512  /* combine: one-row folds as the general */
+#define DISCO_ND_TUNE_NO_JOIN 1024   /* pipelined senders exit instead of expanding */
 
 /* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c);
  * kinds: dispatch, combine, pipelined dispatch, pipelined combine. */

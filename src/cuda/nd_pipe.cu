@@ -9,8 +9,9 @@
  * not per row); expander blocks make the plan as soon as the counts are in
  * (DCNT), expand this rank's own tokens, then each source as its flag lands
  * (r - 1 first: the rank that sends to us first). Only the last source's
- * expand is left after the sends. Flags, acks and waits are the plain
- * kernel's (design-nccl-device.md §5). */
+ * expand is left after the sends, and the sender blocks join it once their
+ * rows are out. Flags, acks and waits are the plain kernel's
+ * (design-nccl-device.md §5). */
 #include "cuda/latch.cuh"
 #include "cuda/nd_kernels.h"
 #include "cuda/nd_rows.cuh"
@@ -143,6 +144,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   int nx = (int)((long long)nb * nd_expand_pct(p, pl, nd.expand_pct, nb) / 100);
   nx = nx < 1 ? 1 : nx > nb - 1 ? nb - 1 : nx; /* the launcher ensures nb >= 2 */
   const int ns = nb - nx;
+  /* senders expand too once their rows are out (blocks past the expand) */
+  const int join = !(nd.tune & DISCO_ND_TUNE_NO_JOIN), nexp = join ? nb : nx;
   const u64 s = nd.seq[0] + 1ull;
   const u64 call = (u64)call_kind << 32 | (s & 0xffffffffull);
   const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
@@ -203,7 +206,10 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
         if (e == n_e - 1) nd_trace(nd, 2, s, 7);
       }
     }
-    return;
+    if (!join) return;
+    /* Done sending: join the expanders, whose last sources' expand is the
+     * tail of the call (their counters are shared, so a late joiner finds
+     * the finished sources empty). */
   }
 
   /* ---- expanders: the plan as soon as the counts are in ---- */
@@ -246,6 +252,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     const long long first = pl.recv_off[q], all = pl.recv_off[q + 1] - first;
     const long long lo = e == 0 ? 0 : all * h / H, hi = e == 0 ? all : all * (h + 1) / H;
     const long long n = hi - lo;
+    /* pieces and mode from nx, whoever joins: every worker must cut alike */
     const int warp = !(nd.tune & DISCO_ND_TUNE_BLOCK_EXPAND) &&
                      (n >= (long long)nx * (DISCO_ND_THREADS / 32) ||
                       (nd.tune & DISCO_ND_TUNE_FORCE_WARP));
@@ -253,10 +260,10 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                     &nd.ctr[DISCO_ND_CTR_SRC(W, q, h)], 4, rank_major, recv_x, src_rank,
                     src_token, expert, weight);
   }
-  if (go && !rank_major && align > 1)
+  if (go && !rank_major && align > 1 && b < nx)
     nd_pad_rows(p, pl, b, nx, recv_x, src_rank, src_token, expert, weight);
   if (tr) nd_trace(nd, 2, s, 5);
-  if (nd_last_of(&nd.done[2], (unsigned)nx)) {
+  if (nd_last_of(&nd.done[2], (unsigned)nexp)) {
     for (int h = 0; h < DISCO_ND_PARTS_MAX; h++)
       for (int q = 0; q < W; q++) nd.ctr[DISCO_ND_CTR_SRC(W, q, h)] = 0ull;
     nd_flag_peers(nd, W, r, DISCO_ND_DACK, s << 8);
