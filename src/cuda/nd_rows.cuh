@@ -229,16 +229,18 @@ __device__ __forceinline__ long long nd_citem_row(const disco_dev_plan_t &pl, in
  * bytes of spills. K 1 only: with them on the one-row tokens of K 2
  * (H 4096, E 8) that combine lost 6 us, in runs 26 and 27. */
 
-/* Expert side: dst[v] = w * src[v] (or src[v]) in the dtype. */
-__device__ __forceinline__ void nd_fold_expert_one(const uint4 *src, float wk,
-                                                   int weighted, int dtype, uint4 *dst,
-                                                   int lo, int hi) {
+/* dst[v] = w * src[v] (or src[v]) in the dtype: the expert side's fold of
+ * one y row, and (unweighted, CG: partials written by other GPUs, read
+ * through L2) the token side's of one partial. */
+template <bool CG>
+__device__ __forceinline__ void nd_fold_one(const uint4 *src, float wk, int weighted,
+                                            int dtype, uint4 *dst, int lo, int hi) {
   constexpr int VB = DISCO_BATCH, S = DISCO_ND_THREADS;
   for (int v0 = lo + (int)threadIdx.x; v0 < hi; v0 += VB * S) {
     uint4 a[VB];
 #pragma unroll
     for (int u = 0; u < VB; u++)
-      if (v0 + u * S < hi) a[u] = __ldg(src + v0 + u * S);
+      if (v0 + u * S < hi) a[u] = CG ? __ldcg(src + v0 + u * S) : __ldg(src + v0 + u * S);
 #pragma unroll
     for (int u = 0; u < VB; u++) {
       if (v0 + u * S < hi) {
@@ -247,27 +249,6 @@ __device__ __forceinline__ void nd_fold_expert_one(const uint4 *src, float wk,
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[e] = weighted ? __fmul_rn(wk, f[e]) : f[e];
         dst[v0 + u * S] = disco_pack(acc, dtype);
-      }
-    }
-  }
-}
-
-/* Token side: out[v] = the one partial (written by other GPUs: read through
- * L2) in the dtype. */
-__device__ __forceinline__ void nd_fold_token_one(const uint4 *row, int dtype, uint4 *out,
-                                                  int lo, int hi) {
-  constexpr int VB = DISCO_BATCH, S = DISCO_ND_THREADS;
-  for (int v0 = lo + (int)threadIdx.x; v0 < hi; v0 += VB * S) {
-    uint4 a[VB];
-#pragma unroll
-    for (int u = 0; u < VB; u++)
-      if (v0 + u * S < hi) a[u] = __ldcg(row + v0 + u * S);
-#pragma unroll
-    for (int u = 0; u < VB; u++) {
-      if (v0 + u * S < hi) {
-        float f[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
-        disco_unpack(a[u], dtype, f);
-        out[v0 + u * S] = disco_pack(f, dtype);
       }
     }
   }
@@ -296,7 +277,7 @@ __device__ int nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t 
   while (n < K && rws[n] >= 0) n++;
   if (S == DISCO_ND_THREADS && K == 1 && n == 1 && !wire32 &&
       !(nd.tune & DISCO_ND_TUNE_NO_VBATCH)) {
-    nd_fold_expert_one(y + (long long)rws[0] * nv, pl.comb_w[i * K], weighted, p.dtype,
+    nd_fold_one<false>(y + (long long)rws[0] * nv, pl.comb_w[i * K], weighted, p.dtype,
                        dst, lo, hi);
     return 1;
   }
@@ -322,8 +303,8 @@ __device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_
   while (n < kd && dest[n] >= 0) n++;
   if (S == DISCO_ND_THREADS && p.top_k == 1 && n == 1 && !wire32 &&
       !(nd.tune & DISCO_ND_TUNE_NO_VBATCH)) {
-    nd_fold_token_one(part + ((long long)dest[0] * M + trow[0]) * nd.part_vecs, p.dtype,
-                      out + (long long)t * nv, lo, hi);
+    nd_fold_one<true>(part + ((long long)dest[0] * M + trow[0]) * nd.part_vecs, 1.0f, 0,
+                      p.dtype, out + (long long)t * nv, lo, hi);
     return;
   }
   for (int v = lo + tid; v < hi; v += S) {
