@@ -9,7 +9,7 @@
 __global__ void disco_layout_kernel(disco_kparams_t p, disco_dev_plan_t pl,
                                     const void *idx, int idx64, int T) {
   extern __shared__ unsigned smem[];
-  disco_layout_body(p, pl, idx, idx64, T, blockIdx.x, gridDim.x, smem);
+  (void)disco_layout_body(p, pl, idx, idx64, T, blockIdx.x, gridDim.x, smem);
 }
 
 extern "C" cudaError_t disco_k_layout(const disco_kparams_t *p,

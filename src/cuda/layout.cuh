@@ -84,9 +84,9 @@ static __device__ void disco_finalize_body(const disco_kparams_t &p,
 
 /* The layout kernel's work as block `blk` of `nblk` (smem: the kernel's
  * dynamic shared memory, disco_layout_smem bytes); the last block to finish
- * runs the finalize. Also run by block 0 of the nccl_device dispatch kernel
- * for a batch of one layout block (nblk = 1). */
-static __device__ void disco_layout_body(const disco_kparams_t &p,
+ * runs the finalize and gets 1 back (the others 0). Also run by the first
+ * blocks of the nccl_device dispatch kernels (their layout fused). */
+static __device__ int disco_layout_body(const disco_kparams_t &p,
                                          const disco_dev_plan_t &pl, const void *idx,
                                          int idx64, int T, int blk, int nblk,
                                          unsigned *smem) {
@@ -180,13 +180,14 @@ static __device__ void disco_layout_body(const disco_kparams_t &p,
     __syncthreads();
     if (threadIdx.x == 0) last = atomicAdd(p.blk_done, 1u) == (unsigned)nblk - 1u;
     __syncthreads();
-    if (!last) return;
+    if (!last) return 0;
     __threadfence();
   } else {
     __syncthreads();
   }
   disco_finalize_body(p, pl, idx, idx64, nblk, (long long *)smem);
   if (threadIdx.x == 0 && nblk > 1) *p.blk_done = 0u; /* ready for the next dispatch */
+  return 1;
 }
 
 /* Dynamic shared memory of a layout block. */

@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
    * launch less); the others wait for it after the acks below. */
   if (fuse && b == 0) {
     extern __shared__ unsigned smem[];
-    disco_layout_body(p, pl, idx, idx64, T, 0, 1, smem);
+    (void)disco_layout_body(p, pl, idx, idx64, T, 0, 1, smem);
     __syncthreads();
     if (threadIdx.x == 0) {
       __threadfence();
@@ -174,8 +174,8 @@ static cudaError_t nd_launch(const void *fn, int grid, size_t smem, void **args,
 }
 
 extern "C" cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, int *grid,
-                                         size_t *fuse_smem) {
-  int dev = 0, sms = 0, a = 0, a1 = 0, c = 0, q = 0;
+                                         int *sms_out, size_t *fuse_smem) {
+  int dev = 0, sms = 0, a = 0, a1 = 0, c = 0, q = 0, q1 = 0;
   /* The layout's shared memory, when a layout block is the kernel's block */
   const size_t lsm = 32 * p->layout_warps == DISCO_ND_THREADS ? disco_layout_smem(p) : 0;
   cudaError_t e = cudaGetDevice(&dev);
@@ -187,6 +187,9 @@ extern "C" cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, 
   if (e == cudaSuccess && lsm > 0)
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&a1, nd_dispatch_kernel,
                                                       DISCO_ND_THREADS, lsm);
+  if (e == cudaSuccess && lsm > 0)
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&q1, disco_nd_pipe_kernel(),
+                                                      DISCO_ND_THREADS, lsm);
   if (e == cudaSuccess)
     e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&c, disco_nd_combine_kernel(),
                                                       DISCO_ND_THREADS, 0);
@@ -195,10 +198,12 @@ extern "C" cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, 
                                                       DISCO_ND_THREADS, 0);
   if (e != cudaSuccess) return e;
   if (max_sms > 0 && max_sms < sms) sms = max_sms;
-  /* fuse the layout only where it costs no co-resident block */
-  *fuse_smem = lsm > 0 && a1 >= a ? lsm : 0;
   if (q < a) a = q;
-  *grid = (a < c ? a : c) * sms;
+  if (c < a) a = c;
+  /* fuse the layout only where it costs no co-resident block */
+  *fuse_smem = lsm > 0 && a1 >= a && q1 >= a ? lsm : 0;
+  *grid = a * sms;
+  *sms_out = sms;
   if (*grid < 1) *grid = 1;
   return cudaSuccess;
 }
@@ -232,16 +237,22 @@ extern "C" cudaError_t disco_nd_k_dispatch(const disco_kparams_t *p,
   const int grid = nd_grid(nd, work);
   const int pipe = rows && status == 0 && T >= nd->pipe_min && grid >= 2 &&
                    !(nd->tune & DISCO_ND_TUNE_NO_PIPE);
-  /* One layout block of tokens: block 0 of the dispatch kernel makes it. */
-  fuse = idx != NULL && rows && !pipe && !(nd->tune & DISCO_ND_TUNE_NO_FUSE) &&
-         32 * p->layout_warps == DISCO_ND_THREADS && T <= DISCO_ND_THREADS &&
-         nd->fuse_smem > 0;
+  /* The layout in the kernel's first blocks: one block of tokens for the
+   * plain kernel (block 0 alone waits for the acks meanwhile), any number
+   * up to the grid for the pipelined one. */
+  const long long nl = ((long long)T + DISCO_ND_THREADS - 1) / DISCO_ND_THREADS;
+  fuse = idx != NULL && rows && !(nd->tune & DISCO_ND_TUNE_NO_FUSE) &&
+         32 * p->layout_warps == DISCO_ND_THREADS && nd->fuse_smem > 0 &&
+         (pipe ? nl <= grid : T <= DISCO_ND_THREADS);
   if (idx != NULL && !fuse) {
     const cudaError_t e = disco_k_layout(p, pl, idx, idx64, T, stream);
     if (e != cudaSuccess) return e;
   }
-  return nd_launch(pipe ? disco_nd_pipe_kernel() : (const void *)nd_dispatch_kernel, grid,
-                   fuse ? disco_layout_smem(p) : 0, args, stream);
+  /* The plain kernel is latency-bound: a block per SM (run 32: 128 tokens K 1
+   * 45.0 -> 37.7 us, K 8 63.9 -> 60.8; the combine lost with fewer blocks). */
+  const int sgrid = !pipe && grid > nd->small_blocks ? nd->small_blocks : grid;
+  return nd_launch(pipe ? disco_nd_pipe_kernel() : (const void *)nd_dispatch_kernel,
+                   sgrid, fuse ? disco_layout_smem(p) : 0, args, stream);
 }
 
 extern "C" cudaError_t disco_nd_k_combine(const disco_kparams_t *p,

@@ -66,7 +66,7 @@ typedef struct disco_nd_params {
   unsigned long long *ctr; /* device [DISCO_ND_CTRS(W)]: work counters (DISCO_ND_CTR_*), 0
                               between calls */
   unsigned long long *plan; /* device: dispatch seq whose receive plan is made */
-  unsigned long long *lay;  /* device: dispatch seq whose layout block 0 made */
+  unsigned long long *lay;  /* device: dispatch seq whose fused layout is made */
   unsigned long long *sent; /* device [2]: last dispatch / combine whose local
                                stores (all blocks) are done */
   int max_grid;             /* co-resident blocks of one launch */
@@ -89,6 +89,8 @@ typedef struct disco_nd_params {
   unsigned *cdone;  /* device [W][DISCO_ND_CHUNKS(M)]: chunk pieces stored, 0
                        between calls */
   size_t fuse_smem; /* layout smem the dispatch kernel's occupancy allows */
+  int warp_pieces;  /* warp-mode expand: pieces per row */
+  int small_blocks; /* most blocks of the plain (small-batch) dispatch kernel */
 } disco_nd_params_t;
 
 /* Work counters (dynamic sharing of a phase's items). */
@@ -156,9 +158,10 @@ typedef struct disco_nd_io {
 } disco_nd_io_t;
 
 /* Blocks of one co-resident launch on the current device (max_sms > 0 caps
- * the SMs counted); *fuse_smem: the layout's shared memory when the dispatch
- * kernel can make the layout itself without losing occupancy, else 0. */
-cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, int *grid,
+ * the SMs counted, *sms); *fuse_smem: the layout's shared memory when the
+ * dispatch kernels can make the layout themselves without losing occupancy,
+ * else 0. */
+cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, int *grid, int *sms,
                               size_t *fuse_smem);
 /* The routing layout (io->topk_idx; a batch of one layout block: by block 0
  * of the same launch, else its own kernel first), then one cooperative

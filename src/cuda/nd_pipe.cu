@@ -11,8 +11,9 @@
  * (r - 1 first: the rank that sends to us first). Only the last source's
  * expand is left after the sends, and the sender blocks join it once their
  * rows are out. Flags, acks and waits are the plain kernel's
- * (design-nccl-device.md §5). */
+ * (design-nccl-device.md §5). The layout runs in the first blocks. */
 #include "cuda/latch.cuh"
+#include "cuda/layout.cuh"
 #include "cuda/nd_kernels.h"
 #include "cuda/nd_rows.cuh"
 #include "cuda/recv_plan.cuh"
@@ -73,12 +74,13 @@ static __device__ __forceinline__ int nd_group(const disco_kparams_t &p,
 }
 
 /* Share of the grid that expands (the rest sends). pct 0: half, unless a
- * sender block would have >= 12 rows per destination at half, then 35%: the
- * sends set the end (run 27, 4096 tokens K 8: 638.6 -> 601.9 us) and more
- * sender blocks push more; with fewer rows per block the step tails do, and
+ * sender block would have >= 12 rows per destination at half, then 25%: the
+ * sends set the end (4096 tokens K 8: 638.6 -> 601.9 us at 35% in run 27,
+ * 599 -> 586 us at 25% in run 32) and more sender blocks push more (the
+ * expand still keeps up); with fewer rows per block the step tails do, and
  * fewer expanders only lengthen the expand (35%: 4096 K 1 +27 us, 1024 K 8
  * +27 us; H 4096 K 2 E 8, 8 rows per block, the same). Every block reads
- * the same counts (the layout kernel ran before), so all agree. */
+ * the same counts (read after the layout's release), so all agree. */
 static __device__ __forceinline__ int nd_expand_pct(const disco_kparams_t &p,
                                                     const disco_dev_plan_t &pl, int pct,
                                                     int nb) {
@@ -88,7 +90,7 @@ static __device__ __forceinline__ int nd_expand_pct(const disco_kparams_t &p,
     const long long n = pl.msg[(long long)d * p.msg_len + DISCO_MSG_TOKENS];
     if (d != p.rank && n > most) most = n;
   }
-  return most >= 12ll * (nb - nb / 2) ? 35 : 50;
+  return most >= 12ll * (nb - nb / 2) ? 25 : 50;
 }
 
 /* Part h of H of the rows to destination d: rows [*lo, *hi) at d (split
@@ -141,23 +143,38 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   if (nd_dead(nd)) return;
   const int W = p.world, r = p.rank, b = blockIdx.x, nb = gridDim.x;
   const int rank_major = layout == DISCO_LAYOUT_RANK_MAJOR;
+  const u64 s = nd.seq[0] + 1ull;
+  const u64 call = (u64)call_kind << 32 | (s & 0xffffffffull);
+  const int tr = b == 0 && threadIdx.x == 0;
+  int ok = 1, bad, code;
+  (void)rows_on; /* always 1 here: the layout-only call takes the plain kernel */
+  if (tr) nd_trace(nd, 2, s, 0);
+  /* The layout, fused: the first blocks are its blocks (the launcher checks
+   * there are enough); the last to finish releases `lay`. One launch less:
+   * ~10 us of the host-observed time at 4096 tokens. */
+  if (fuse) {
+    const int C = 32 * p.layout_warps, nl = (T + C - 1) / C;
+    extern __shared__ unsigned smem[];
+    if (b < nl && disco_layout_body(p, pl, idx, idx64, T, b, nl, smem)) {
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        __threadfence();
+        nd_st_release_gpu(nd.lay, s);
+      }
+    }
+  }
+  ok =
+      nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad, &code);
+  if (fuse && threadIdx.x == 0) ok = ok && nd_wait_block0(nd, nd.lay, s);
+  if (tr) nd_trace(nd, 2, s, 1);
+  if (!nd_block_all(ok)) return;
+  /* the counts are in (pl.msg): split the grid */
   int nx = (int)((long long)nb * nd_expand_pct(p, pl, nd.expand_pct, nb) / 100);
   nx = nx < 1 ? 1 : nx > nb - 1 ? nb - 1 : nx; /* the launcher ensures nb >= 2 */
   const int ns = nb - nx;
   /* senders expand too once their rows are out (blocks past the expand) */
   const int join = !(nd.tune & DISCO_ND_TUNE_NO_JOIN), nexp = join ? nb : nx;
-  const u64 s = nd.seq[0] + 1ull;
-  const u64 call = (u64)call_kind << 32 | (s & 0xffffffffull);
   const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
-  const int tr = b == 0 && threadIdx.x == 0;
-  int ok = 1, bad, code;
-  (void)rows_on; /* always 1 here: the layout-only call takes the plain kernel */
-  (void)idx, (void)idx64, (void)fuse; /* the layout ran as its own kernel */
-  if (tr) nd_trace(nd, 2, s, 0);
-  ok =
-      nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad, &code);
-  if (tr) nd_trace(nd, 2, s, 1);
-  if (!ok) return;
 
   if (b >= nx) { /* ---- senders: one destination at a time, in parts ---- */
     /* Own slot first (metadata, and rows for RANK_MAJOR), then part h of

@@ -180,15 +180,18 @@ static __device__ void nd_expand_range(const disco_kparams_t &p,
                                        int *expert, float *weight) {
   const int nv = p.row_vecs;
   if (warp) {
-    const int lane = threadIdx.x & 31;
-    for (long long i = nd_share<32>(nd_ask<32>(ctr)), a; i < n; i = nd_share<32>(a)) {
+    const int lane = threadIdx.x & 31, P = nd.warp_pieces;
+    for (long long it = nd_share<32>(nd_ask<32>(ctr)), a; it < n * P;
+         it = nd_share<32>(a)) {
+      int lo, hi;
       a = nd_ask<32>(ctr);
+      nd_piece(nv, P, (int)(it % P), &lo, &hi);
       if (rank_major)
-        nd_expand_rank<32>(p, nd, pl, first + i, recv_x, src_rank, src_token, expert,
-                           weight, 0, nv, 1, lane);
+        nd_expand_rank<32>(p, nd, pl, first + it / P, recv_x, src_rank, src_token, expert,
+                           weight, lo, hi, it % P == 0, lane);
       else
-        nd_expand_expert<32>(p, nd, pl, x, first + i, recv_x, src_rank, src_token, expert,
-                             weight, 0, nv, 1, lane);
+        nd_expand_expert<32>(p, nd, pl, x, first + it / P, recv_x, src_rank, src_token,
+                             expert, weight, lo, hi, it % P == 0, lane);
     }
     return;
   }

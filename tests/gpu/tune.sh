@@ -3,7 +3,8 @@
 # issue-6 shapes once per DISCO_ND_TUNE value, with DISCO_ND_TRACE=1 phase
 # timings (rank 0..W-1 lines), all into one file.
 # usage: tests/gpu/tune.sh OUTFILE [VARIANT...]
-#        (env: BUILD, SHAPES="-t ... -k ...", BENCH_ARGS: more disco-bench options)
+#        (env: BUILD, SHAPES="-t ... -k ...", SHAPES2: a second set, default
+#        the H 4096 K 2 E 8 case, "none" to skip; BENCH_ARGS: more options)
 # A variant is a DISCO_ND_TUNE value, or NAME=value[,NAME=value...] settings.
 set -u -o pipefail
 OUTF=$1
@@ -17,7 +18,8 @@ for v in "${@:-0}"; do
     *=*) vars=${v//,/ } ;;
     *) vars="DISCO_ND_TUNE=$v" ;;
   esac
-  for shape in "${SHAPES:--t 32,128,1024,4096 -H 7168 -k 1,8 -e 256}" "-t 4096 -H 4096 -k 2 -e 8"; do
+  for shape in "${SHAPES:--t 32,128,1024,4096 -H 7168 -k 1,8 -e 256}" "${SHAPES2:--t 4096 -H 4096 -k 2 -e 8}"; do
+    [ "$shape" = none ] && continue
     echo "### $vars $shape" >> "$OUTF"
     # shellcheck disable=SC2086
     env $vars DISCO_ND_TRACE=1 DISCO_BENCH_HOST_US=1 timeout 120 "$B" --backend nccl_device \
