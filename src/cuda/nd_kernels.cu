@@ -248,9 +248,14 @@ extern "C" cudaError_t disco_nd_k_dispatch(const disco_kparams_t *p,
     const cudaError_t e = disco_k_layout(p, pl, idx, idx64, T, stream);
     if (e != cudaSuccess) return e;
   }
-  /* The plain kernel is latency-bound: a block per SM (run 32: 128 tokens K 1
-   * 45.0 -> 37.7 us, K 8 63.9 -> 60.8; the combine lost with fewer blocks). */
-  const int sgrid = !pipe && grid > nd->small_blocks ? nd->small_blocks : grid;
+  /* The plain kernel with a few rows per block is latency-bound: a block per
+   * SM while T * min(K, W) <= 4 per SM (runs 32-33: 128 tokens K 1 45.0 ->
+   * 37.7 us, K 8 63.9 -> 60.8, 512 K 1 61.2 -> 58.4; but 256 K 8 85.5 ->
+   * 92.2, hence the bound; the combine lost with fewer blocks). */
+  const long long kw = p->top_k < p->world ? p->top_k : p->world;
+  const int sgrid = !pipe && (long long)T * kw <= 4ll * nd->sms && grid > nd->small_blocks
+                        ? nd->small_blocks
+                        : grid;
   return nd_launch(pipe ? disco_nd_pipe_kernel() : (const void *)nd_dispatch_kernel,
                    sgrid, fuse ? disco_layout_smem(p) : 0, args, stream);
 }

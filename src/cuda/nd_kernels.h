@@ -90,7 +90,8 @@ typedef struct disco_nd_params {
                        between calls */
   size_t fuse_smem; /* layout smem the dispatch kernel's occupancy allows */
   int warp_pieces;  /* warp-mode expand: pieces per row */
-  int small_blocks; /* most blocks of the plain (small-batch) dispatch kernel */
+  int sms;          /* SMs a launch may use */
+  int small_blocks; /* most blocks of the plain dispatch kernel for few rows */
 } disco_nd_params_t;
 
 /* Work counters (dynamic sharing of a phase's items). */

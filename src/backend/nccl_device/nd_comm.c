@@ -31,10 +31,11 @@
 #define ND_CPIPE_MIN_TOKENS 2048
 #define ND_CTOKEN_PCT 25
 #define ND_CHUNK_ROWS 512
-/* Warp-mode expand (many rows from one source): a warp per quarter row, so
- * that the last items end close together (run 32, 4096 tokens K 8: 598-600
- * -> 590 us; 2 pieces 596). */
-#define ND_WARP_PIECES 4
+/* Warp-mode expand (many rows from one source): pieces per row. 4 took 4096
+ * tokens K 8 from 599 to 592 us with 35% expanders but lost to whole rows
+ * with 25% (599 against 585: the expand re-reads each row's metadata per
+ * piece and falls behind), H 4096 K 2 E 8 225 against 222 (runs 32-35). */
+#define ND_WARP_PIECES 1
 
 /* An integer from the environment, or def when unset or below lo. */
 static int nd_env_int(const char *name, int def, int lo) {
@@ -389,6 +390,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.cch_rows = nd_env_int("DISCO_ND_CHUNK_ROWS", ND_CHUNK_ROWS, DISCO_ND_CHUNK_MIN);
   st->nd.warp_pieces = nd_env_int("DISCO_ND_WARP_PIECES", ND_WARP_PIECES, 1);
   if (st->nd.warp_pieces > 8) st->nd.warp_pieces = 8;
+  st->nd.sms = sms;
   st->nd.small_blocks = nd_env_int("DISCO_ND_SMALL_BLOCKS", sms, 1);
   p->lerr = st->drec;
   rc = disco_nd_trace_init(st, r, fn);
