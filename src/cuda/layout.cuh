@@ -87,9 +87,9 @@ static __device__ void disco_finalize_body(const disco_kparams_t &p,
  * runs the finalize and gets 1 back (the others 0). Also run by the first
  * blocks of the nccl_device dispatch kernels (their layout fused). */
 static __device__ int disco_layout_body(const disco_kparams_t &p,
-                                         const disco_dev_plan_t &pl, const void *idx,
-                                         int idx64, int T, int blk, int nblk,
-                                         unsigned *smem) {
+                                        const disco_dev_plan_t &pl, const void *idx,
+                                        int idx64, int T, int blk, int nblk,
+                                        unsigned *smem) {
   const int nw = blockDim.x >> 5, nc = p.num_cols, K = p.top_k, E = p.num_experts;
   unsigned *mask = smem;           /* [nw, nc] lane bits */
   unsigned *base = smem + nw * nc; /* [nw, nc] tokens in earlier warps */

@@ -249,7 +249,7 @@ extern "C" cudaError_t disco_nd_k_dispatch(const disco_kparams_t *p,
     if (e != cudaSuccess) return e;
   }
   /* The plain kernel with a few rows per block is latency-bound: a block per
-   * SM while T * min(K, W) <= 4 per SM (runs 32-33: 128 tokens K 1 45.0 ->
+   * SM while T * min(K, W) <= 4 per SM (runs 33-34: 128 tokens K 1 45.0 ->
    * 37.7 us, K 8 63.9 -> 60.8, 512 K 1 61.2 -> 58.4; but 256 K 8 85.5 ->
    * 92.2, hence the bound; the combine lost with fewer blocks). */
   const long long kw = p->top_k < p->world ? p->top_k : p->world;

@@ -76,11 +76,11 @@ static __device__ __forceinline__ int nd_group(const disco_kparams_t &p,
 /* Share of the grid that expands (the rest sends). pct 0: half, unless a
  * sender block would have >= 12 rows per destination at half, then 25%: the
  * sends set the end (4096 tokens K 8: 638.6 -> 601.9 us at 35% in run 27,
- * 599 -> 585 us at 25% in run 35, three passes each) and more sender
+ * 599 -> 585 us at 25% in run 36, three passes each) and more sender
  * blocks push more (the expand still keeps up); with fewer rows per block the
  * step tails do, and fewer expanders only lengthen the expand (35%: 4096 K 1
  * +27 us, 1024 K 8 +27 us; H 4096 K 2 E 8, 8 rows per block, the same;
- * 1024 K 8 at 40% 199 us, at 60% 206, at 50% 193, run 34). Every block reads
+ * 1024 K 8 at 40% 199 us, at 60% 206, at 50% 193, run 35). Every block reads
  * the same counts (read after the layout's release), so all agree. */
 static __device__ __forceinline__ int nd_expand_pct(const disco_kparams_t &p,
                                                     const disco_dev_plan_t &pl, int pct,
@@ -152,7 +152,9 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   if (tr) nd_trace(nd, 2, s, 0);
   /* The layout, fused: the first blocks are its blocks (the launcher checks
    * there are enough); the last to finish releases `lay`. One launch less:
-   * ~10 us of the host-observed time at 4096 tokens. */
+   * 2-5 us host-observed (run 32); the layout itself still takes 6-12 us
+   * here, a chain of dependent loads and stores (DISCO_ND_TUNE=64: its own
+   * launch again). */
   if (fuse) {
     const int C = 32 * p.layout_warps, nl = (T + C - 1) / C;
     extern __shared__ unsigned smem[];

@@ -34,7 +34,7 @@
 /* Warp-mode expand (many rows from one source): pieces per row. 4 took 4096
  * tokens K 8 from 599 to 592 us with 35% expanders but lost to whole rows
  * with 25% (599 against 585: the expand re-reads each row's metadata per
- * piece and falls behind), H 4096 K 2 E 8 225 against 222 (runs 32-35). */
+ * piece and falls behind), H 4096 K 2 E 8 225 against 222 (runs 33-36). */
 #define ND_WARP_PIECES 1
 
 /* An integer from the environment, or def when unset or below lo. */
