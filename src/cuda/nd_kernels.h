@@ -91,6 +91,7 @@ typedef struct disco_nd_params {
   size_t fuse_smem; /* layout smem the dispatch kernel's occupancy allows */
   int warp_pieces;  /* warp-mode expand: pieces per row */
   int sms;          /* SMs a launch may use */
+  int csend_pmax;   /* combine's expert side: most pieces per row (0: no cap) */
   int small_blocks; /* most blocks of the plain dispatch kernel for few rows */
 } disco_nd_params_t;
 

@@ -36,6 +36,9 @@
  * with 25% (599 against 585: the expand re-reads each row's metadata per
  * piece and falls behind), H 4096 K 2 E 8 225 against 222 (runs 33-36). */
 #define ND_WARP_PIECES 1
+/* Combine's expert side: at most this many pieces per row, 0: no cap
+ * (nd_combine.cu) */
+#define ND_CSEND_PIECES 0
 
 /* An integer from the environment, or def when unset or below lo. */
 static int nd_env_int(const char *name, int def, int lo) {
@@ -391,6 +394,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.warp_pieces = nd_env_int("DISCO_ND_WARP_PIECES", ND_WARP_PIECES, 1);
   if (st->nd.warp_pieces > 8) st->nd.warp_pieces = 8;
   st->nd.sms = sms;
+  st->nd.csend_pmax = nd_env_int("DISCO_ND_CSEND_PIECES", ND_CSEND_PIECES, 0);
   st->nd.small_blocks = nd_env_int("DISCO_ND_SMALL_BLOCKS", sms, 1);
   p->lerr = st->drec;
   rc = disco_nd_trace_init(st, r, fn);
