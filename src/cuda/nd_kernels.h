@@ -165,9 +165,11 @@ typedef struct disco_nd_io {
  * else 0. */
 cudaError_t disco_nd_max_grid(const disco_kparams_t *p, int max_sms, int *grid, int *sms,
                               size_t *fuse_smem);
-/* The routing layout (io->topk_idx; a batch of one layout block: by block 0
- * of the same launch, else its own kernel first), then one cooperative
- * launch that sends, receives, makes the receive plan, expands and acks.
+/* The routing layout (io->topk_idx; made by the first blocks of the same
+ * launch: block 0 of the small-batch kernel for one layout block of tokens,
+ * as many as needed of the pipelined one; else its own kernel first), then
+ * one cooperative launch that sends, receives, makes the receive plan,
+ * expands and acks.
  * p->lerr NULL: errors are not latched (the host reads the statuses back). */
 cudaError_t disco_nd_k_dispatch(const disco_kparams_t *p, const disco_nd_params_t *nd,
                                 const disco_dev_plan_t *pl, const disco_nd_io_t *io,

@@ -106,7 +106,7 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
   # src/cuda/nd_kernels.h).
   step "nccl_device test W=$NGPU warp rows" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device \
     DISCO_ND_TUNE=28 "$T" --world "$NGPU"
-  # Warp rows in uneven pieces (the default is 4 per row), pipelined, and the
+  # Warp rows in uneven pieces (the default is whole rows), pipelined, and the
   # small-batch kernel on a grid of 3 blocks (its default: a block per SM).
   step "nccl_device test W=$NGPU warp rows in 3 pieces, pipelined" "$OUT/test.log" 90 env \
     DISCO_TEST_BACKEND=nccl_device DISCO_ND_TUNE=16 DISCO_ND_WARP_PIECES=3 \
