@@ -18,17 +18,6 @@ static int disco_grid(const disco_kparams_t *p, int64_t warps) {
   return (int)(b < 1 ? 1 : b);
 }
 
-/* Launch shape of the row kernels: x covers a row's 16-byte vectors, y walks
- * rows (grid-stride), so even a few rows spread over many SMs. */
-static void disco_shape(const disco_kparams_t *p, long long rows, dim3 *grid,
-                        dim3 *block) {
-  int nv = p->row_vecs;
-  int bx = nv >= 128 ? 128 : (nv + 31) / 32 * 32;
-  long long gy = rows < 65535 ? rows : 65535;
-  *block = dim3((unsigned)bx, 1, 1);
-  *grid = dim3((unsigned)((nv + bx - 1) / bx), (unsigned)(gy < 1 ? 1 : gy), 1);
-}
-
 #include "cuda/meta.cuh"
 #include "cuda/rowsel.cuh"
 
@@ -77,7 +66,7 @@ extern "C" cudaError_t disco_k_pack(const disco_kparams_t *p, const disco_dev_pl
                                     cudaStream_t stream) {
   if (num_tokens <= 0) return cudaSuccess;
   dim3 grid, block;
-  disco_shape(p, num_tokens, &grid, &block);
+  disco_row_shape(p, num_tokens, 0, &grid, &block);
   disco_pack_kernel<<<grid, block, 0, stream>>>(*p, *pl, (const uint4 *)x, weights,
                                                 (int)num_tokens, rank_major);
   return cudaGetLastError();
@@ -94,7 +83,7 @@ __device__ __forceinline__ const int *disco_meta(const disco_kparams_t *p,
 }
 
 /* ---- expand, EXPERT_MAJOR ---------------------------------------------------- */
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(DISCO_SIDE_THREADS)
     disco_expand_expert_kernel(disco_kparams_t p, disco_dev_plan_t pl, const uint4 *x,
                                disco_rowsel_t sel, uint4 *recv_x, int *src_rank,
                                int *src_token, int *expert, float *weight) {
@@ -126,7 +115,7 @@ extern "C" cudaError_t disco_k_expand_expert(const disco_kparams_t *p,
                                              cudaStream_t stream) {
   if (sel.n <= 0) return cudaSuccess;
   dim3 grid, block;
-  disco_shape(p, sel.n, &grid, &block);
+  disco_row_shape(p, sel.n, sel.side, &grid, &block);
   disco_expand_expert_kernel<<<grid, block, 0, stream>>>(*p, *pl, (const uint4 *)x, sel,
                                                          (uint4 *)recv_x, src_rank,
                                                          src_token, expert, weight);

@@ -50,6 +50,8 @@ typedef struct disco_kparams {
   int num_cols;     /* E + W columns of the layout counters */
   int layout_warps; /* warps (of 32 tokens) per layout block */
   int max_blocks;   /* grid cap of grid-stride kernels */
+  int side_blocks;  /* most blocks of a row kernel run beside NCCL's (0: no
+                       cap), env DISCO_NCCL_SIDE_SMS */
   int dtype;        /* disco_dtype_t */
   int row_vecs;     /* 16-byte vectors per row of the config dtype */
   int meta_ints;    /* int32 per metadata row */
@@ -82,22 +84,63 @@ enum {
 };
 enum { DISCO_CALL_DISPATCH = 1, DISCO_CALL_COMBINE = 2, DISCO_CALL_LAYOUT = 3 };
 
+/* Pipelined NCCL groups: a peer segment of n rows goes in
+ * P = clamp(n / split, 1, chunks) pieces, piece c being rows
+ * [n * c / P, n * (c + 1) / P); pieces c >= P are empty. Both ends of a pair
+ * cut alike: the sender's n_to equals the receiver's n_from, and split and
+ * chunks agree (checked at comm creation). Host and device share this rule. */
+#define DISCO_MAX_CHUNKS 8
+#ifdef __CUDACC__
+#define DISCO_HD __host__ __device__ __forceinline__
+#else
+#define DISCO_HD inline
+#endif
+static DISCO_HD long long disco_pieces(long long n, int chunks, long long split) {
+  long long P = split > 0 ? n / split : chunks;
+  return P < 1 ? 1 : P > chunks ? chunks : P;
+}
+static DISCO_HD void disco_piece(long long n, int c, int chunks, long long split,
+                                 long long *lo, long long *hi) {
+  const long long P = disco_pieces(n, chunks, split);
+  if (c < 0) {
+    *lo = 0, *hi = n;
+  } else if (c >= P) {
+    *lo = *hi = n;
+  } else {
+    *lo = n * c / P, *hi = n * (c + 1) / P;
+  }
+}
+/* Piece of row `row` of an n-row segment (0 when not pipelined). */
+static DISCO_HD int disco_piece_of(long long n, long long row, int chunks,
+                                   long long split) {
+  const long long P = disco_pieces(n, chunks, split);
+  int c = (int)(row * P / n); /* a guess, then corrected for the floors */
+  while (c > 0 && n * c / P > row) c--;
+  while (c + 1 < P && n * (c + 1) / P <= row) c++;
+  return c;
+}
+
 /* A selection of received-token rows. chunk < 0: row j of the launch is
  * received token base + j, skipping gap_len rows at j >= gap_at (the self
- * segment). chunk 0 / 1: the first / second part of every peer's segment,
- * peers ascending: the parts that combine's two pipelined NCCL groups carry. A
- * segment of n rows is halved (n / 2, then the rest) when n >= split, else
- * chunk 0 carries all of it (small transfers are not worth a second group). */
+ * segment). chunk >= 0: piece `chunk` of every peer's segment (of `chunks`,
+ * rows per piece at least `split`), peers ascending: what one pipelined NCCL
+ * group carries. */
 typedef struct disco_rowsel {
   long long n, base, gap_at, gap_len;
-  int chunk;
+  int chunk, chunks;
   long long split;
+  int side; /* runs beside an NCCL kernel (see disco_row_shape) */
 } disco_rowsel_t;
 
-/* Combine (EXPERT_MAJOR): bytes of rows from which a peer segment's partials
- * are sent in two pipelined halves, and the least top_k that does it. */
-#define DISCO_SPLIT_BYTES (4ll << 20)
-#define DISCO_SPLIT_MIN_TOPK 4
+/* Pipelined groups (env DISCO_NCCL_SPLIT_BYTES, DISCO_NCCL_DISPATCH_CHUNKS,
+ * DISCO_NCCL_COMBINE_CHUNKS): least bytes of a piece, and the most pieces
+ * of a segment in dispatch (EXPERT_MAJOR: its expand follows each piece)
+ * and in combine (the expert side's fold precedes each piece, the token side
+ * follows it). Off by default: each extra NCCL group cost ~25-30 us on
+ * H100, more than the overlap won (docs/nccl.md). */
+#define DISCO_SPLIT_BYTES (2ll << 20)
+#define DISCO_DISPATCH_CHUNKS 1
+#define DISCO_COMBINE_CHUNKS 1
 
 /* One handle's device plan. */
 typedef struct disco_dev_plan {
@@ -118,6 +161,9 @@ typedef struct disco_dev_plan {
   int32_t *comb_rows; /* [W*M, K] recv_x rows of a received token, experts
                          ascending, -1 after the last */
   float *comb_w;      /* [W*M, K] their weights */
+  int32_t *pass_list; /* [DISCO_MAX_CHUNKS, M] tokens of each pipelined combine
+                         pass (nccl backend), in no particular order */
+  int32_t *pass_cnt;  /* [DISCO_MAX_CHUNKS] */
 } disco_dev_plan_t;
 
 /* Layout, then (last block to finish, same launch) finalize. */
@@ -151,12 +197,20 @@ cudaError_t disco_k_expand_rank(const disco_kparams_t *p, const disco_dev_plan_t
 cudaError_t disco_k_combine_expert(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                                    const void *y, disco_rowsel_t sel, int weighted,
                                    int wire_fp32, cudaStream_t stream);
+/* Pipelined combine: sorts this rank's tokens into pl->pass_list by the
+ * piece their last partial travels in (pieces cut with `chunks` and `split`
+ * from the rows this rank sent each peer in dispatch). */
+cudaError_t disco_k_combine_classify(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                                     int64_t num_tokens, int chunks, long long split,
+                                     cudaStream_t stream);
 /* Token side: out[t] = fold over destinations of the partials; the self
  * partials come from `self_part` (row recv_off[rank] + row), the others from
- * p->ws_send segment d. */
+ * p->ws_send segment d. pass >= 0: only the tokens of pass_list[pass].
+ * side: runs beside an NCCL kernel. */
 cudaError_t disco_k_combine_token(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                                   const void *self_part, int wire_fp32,
-                                  int64_t num_tokens, void *out, cudaStream_t stream);
+                                  int64_t num_tokens, int pass, int side, void *out,
+                                  cudaStream_t stream);
 
 #ifdef __cplusplus
 }

@@ -35,6 +35,8 @@ ND="$BUILD/tests/gpu/test_nd"
 B="$BUILD/tools/disco-bench/disco-bench"
 fails=0
 BW="" # disco-bench world: all GPUs unless the all-GPU suite failed
+# nccl backend: every segment of at least 1 byte in up to 3 pipelined pieces
+PIECES="DISCO_NCCL_SPLIT_BYTES=1 DISCO_NCCL_DISPATCH_CHUNKS=3 DISCO_NCCL_COMBINE_CHUNKS=3"
 
 # step NAME LOG LIMIT CMD...: runs CMD under `timeout LIMIT`, appends its output
 # to LOG, notes rc, seconds, the sanitizer summary if any and the last line,
@@ -63,11 +65,12 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
   note "test W=2: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/test.log")"
   [ $rc -ne 0 ] && fails=$((fails + 1)) && grep -m 30 FAIL "$OUT/test.log"
   if [ $rc -eq 124 ]; then note "test hung: stopping"; tail -20 "$OUT/test.log"; exit 1; fi
-  # Same suite with every peer segment sent in two pipelined halves (the
-  # default splits only segments >= 4 MiB, which the small cases never reach).
+  # Same suite with every peer segment sent in up to 3 pipelined pieces in
+  # dispatch and combine (PIECES; by default only segments of a few MiB are
+  # cut, which the small cases never reach).
   t0=$SECONDS
-  DISCO_NCCL_SPLIT_BYTES=1 timeout 90 "$T" --world 2 >> "$OUT/test.log" 2>&1; rc=$?
-  note "test W=2 split-all: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/test.log")"
+  env $PIECES timeout 90 "$T" --world 2 >> "$OUT/test.log" 2>&1; rc=$?
+  note "test W=2 pieces: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/test.log")"
   [ $rc -ne 0 ] && fails=$((fails + 1)) && grep FAIL "$OUT/test.log" | head -30
   t0=$SECONDS
   timeout 60 "$T" --world 1 --small >> "$OUT/test.log" 2>&1; rc=$?
@@ -80,15 +83,15 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
     [ $rc -ne 0 ] && fails=$((fails + 1)) && BW="-w 2" && grep FAIL "$OUT/test.log" | head -30
     if [ $rc -ne 124 ]; then
       t0=$SECONDS
-      DISCO_NCCL_SPLIT_BYTES=1 timeout 90 "$T" --world "$NGPU" >> "$OUT/test.log" 2>&1; rc=$?
-      note "test W=$NGPU split-all: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/test.log")"
+      env $PIECES timeout 90 "$T" --world "$NGPU" >> "$OUT/test.log" 2>&1; rc=$?
+      note "test W=$NGPU pieces: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/test.log")"
       [ $rc -ne 0 ] && fails=$((fails + 1)) && BW="-w 2" && grep FAIL "$OUT/test.log" | head -30
     fi
   fi
   t0=$SECONDS
-  DISCO_NCCL_SPLIT_BYTES=1 timeout 100 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small \
+  env $PIECES timeout 100 compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small \
     > "$OUT/memcheck.log" 2>&1; rc=$?
-  note "memcheck W=2 --small split-all: rc=$rc ($((SECONDS - t0)) s): $(grep -m1 'ERROR SUMMARY' "$OUT/memcheck.log") $(tail -1 "$OUT/memcheck.log")"
+  note "memcheck W=2 --small pieces: rc=$rc ($((SECONDS - t0)) s): $(grep -m1 'ERROR SUMMARY' "$OUT/memcheck.log") $(tail -1 "$OUT/memcheck.log")"
   [ $rc -ne 0 ] && fails=$((fails + 1))
 fi
 
@@ -227,8 +230,8 @@ if [ "$STAGE" = all ] || [ "$STAGE" = bench ]; then
       -r uniform -c fp32,dtype -n 30 -W 5 --no-check --json "$OUT/bench.json" \
       >> "$OUT/bench.txt" 2>&1
   fi
-  echo "# --- same, EXPERT_MAJOR, combine without pipelined halves (DISCO_NCCL_SPLIT_BYTES=huge)" >> "$OUT/bench.txt"
-  DISCO_NCCL_SPLIT_BYTES=1000000000000 timeout 60 "$B" --backend nccl $BW -t 128,4096 -H 7168 \
+  echo "# --- same, EXPERT_MAJOR, nccl without pipelined pieces (DISCO_NCCL_*_CHUNKS=1)" >> "$OUT/bench.txt"
+  DISCO_NCCL_DISPATCH_CHUNKS=1 DISCO_NCCL_COMBINE_CHUNKS=1 timeout 60 "$B" --backend nccl $BW -t 128,4096 -H 7168 \
     -k 1,8 -e 256 -d bf16 -l expert -r uniform -c fp32,dtype -n 30 -W 5 --no-check \
     >> "$OUT/bench.txt" 2>&1 || rc=$?
   timeout 60 "$B" --backend nccl,nccl_device $BW -t 4096 -H 4096 -k 2 -e 8 -d bf16 \

@@ -4,7 +4,8 @@
 # timings (rank 0..W-1 lines), all into one file.
 # usage: tests/gpu/tune.sh OUTFILE [VARIANT...]
 #        (env: BUILD, SHAPES="-t ... -k ...", SHAPES2: a second set, default
-#        the H 4096 K 2 E 8 case, "none" to skip; BENCH_ARGS: more options)
+#        the H 4096 K 2 E 8 case, "none" to skip; BENCH_ARGS: more options;
+#        BACKEND (nccl_device), LAYOUTS (expert))
 # A variant is a DISCO_ND_TUNE value, or NAME=value[,NAME=value...] settings.
 set -u -o pipefail
 OUTF=$1
@@ -22,8 +23,8 @@ for v in "${@:-0}"; do
     [ "$shape" = none ] && continue
     echo "### $vars $shape" >> "$OUTF"
     # shellcheck disable=SC2086
-    env $vars DISCO_ND_TRACE=1 DISCO_BENCH_HOST_US=1 timeout 120 "$B" --backend nccl_device \
-      $shape -d bf16 -l expert -r uniform -c dtype -n 30 -W 5 --no-check ${BENCH_ARGS:-} \
+    env $vars DISCO_ND_TRACE=1 DISCO_BENCH_HOST_US=1 timeout 120 "$B" --backend "${BACKEND:-nccl_device}" \
+      $shape -d bf16 -l "${LAYOUTS:-expert}" -r uniform -c dtype -n 30 -W 5 --no-check ${BENCH_ARGS:-} \
       >> "$OUTF" 2>&1 ||
       echo "### rc=$?" >> "$OUTF"
   done

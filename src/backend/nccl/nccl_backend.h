@@ -17,10 +17,14 @@ typedef struct disco_nccl_state {
    * joined back into the caller's stream with these events. */
   cudaStream_t aux;
   cudaEvent_t ev_fork, ev_pack, ev_mid, ev_aux;
+  cudaEvent_t ev_piece[DISCO_MAX_CHUNKS]; /* pipelined piece c folded (combine) */
+  cudaEvent_t ev_land[DISCO_MAX_CHUNKS];  /* pipelined piece c landed */
   disco_kparams_t kp;
   size_t ws_bytes;     /* each of kp.ws_send / kp.ws_recv */
-  int64_t split_bytes; /* peer segments from this size go in two halves
-                          (DISCO_SPLIT_BYTES; env DISCO_NCCL_SPLIT_BYTES) */
+  int64_t split_bytes; /* least bytes of a pipelined piece (DISCO_SPLIT_BYTES;
+                          env DISCO_NCCL_SPLIT_BYTES) */
+  int dispatch_chunks; /* most pieces of a peer segment, DISCO_*_CHUNKS; env */
+  int combine_chunks;  /* DISCO_NCCL_DISPATCH_CHUNKS / _COMBINE_CHUNKS */
   size_t meta_bytes;
 } disco_nccl_state_t;
 

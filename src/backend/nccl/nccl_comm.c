@@ -12,6 +12,10 @@
 
 #define DISCO_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
 #define DISCO_SMEM_LIMIT 49152
+/* SMs kept free for NCCL's kernel while the side stream works beside it.
+ * 2x H100 (run 43): 4096 tokens, K 8, EXPERT_MAJOR dispatch ~455 us with 32
+ * or 48 free against ~500-520 with none or 16 (NCCL's kernel then waits). */
+#define DISCO_NCCL_FREE_SMS 40
 
 disco_result_t disco_nccl_cuda(cudaError_t e, const char *fn, const char *what,
                                int rank) {
@@ -107,6 +111,8 @@ size_t disco_nccl_plan_carve(const disco_kparams_t *p, disco_dev_plan_t *d, char
   d->go = disco_carve(base, &off, 4);
   d->comb_rows = disco_carve(base, &off, W * M * K * 4);
   d->comb_w = disco_carve(base, &off, W * M * K * 4);
+  d->pass_list = disco_carve(base, &off, DISCO_MAX_CHUNKS * M * 4);
+  d->pass_cnt = disco_carve(base, &off, DISCO_MAX_CHUNKS * 4);
   return off;
 }
 
@@ -172,6 +178,10 @@ static void disco_nccl_destroy(disco_comm_t *comm) {
   if (st->ev_pack != NULL) cudaEventDestroy(st->ev_pack);
   if (st->ev_mid != NULL) cudaEventDestroy(st->ev_mid);
   if (st->ev_aux != NULL) cudaEventDestroy(st->ev_aux);
+  for (int i = 0; i < DISCO_MAX_CHUNKS; i++) {
+    if (st->ev_piece[i] != NULL) cudaEventDestroy(st->ev_piece[i]);
+    if (st->ev_land[i] != NULL) cudaEventDestroy(st->ev_land[i]);
+  }
   if (st->aux != NULL) cudaStreamDestroy(st->aux);
   free(st);
   comm->backend_state = NULL;
@@ -229,7 +239,20 @@ disco_result_t disco_nccl_params(const disco_comm_t *comm, int device, disco_kpa
   if (rc != DISCO_SUCCESS) return rc;
   if (c->max_sms > 0 && c->max_sms < sms) sms = c->max_sms;
   p->max_blocks = 8 * (sms > 0 ? sms : 1);
+  /* Row kernels beside NCCL's leave it DISCO_NCCL_FREE_SMS SMs, or half of a
+   * small GPU (env DISCO_NCCL_SIDE_SMS: the side's SMs, 0 = no cap). */
+  const char *env = getenv("DISCO_NCCL_SIDE_SMS");
+  p->side_blocks =
+      sms > 2 * DISCO_NCCL_FREE_SMS ? sms - DISCO_NCCL_FREE_SMS : (sms + 1) / 2;
+  if (env != NULL) p->side_blocks = atoi(env) > 0 ? atoi(env) : 0;
   return DISCO_SUCCESS;
+}
+
+/* A chunk count from the environment, clamped to [1, DISCO_MAX_CHUNKS]. */
+static int disco_nccl_chunks(const char *name, int dflt) {
+  const char *env = getenv(name);
+  int v = env != NULL ? atoi(env) : dflt;
+  return v < 1 ? 1 : v > DISCO_MAX_CHUNKS ? DISCO_MAX_CHUNKS : v;
 }
 
 /* Sizes, limits and workspaces of this rank. */
@@ -241,9 +264,14 @@ static disco_result_t disco_nccl_setup(disco_comm_t *comm, const char *fn) {
   const int64_t M = c->max_tokens;
   disco_result_t rc = disco_nccl_params(comm, st->device, p, fn);
   if (rc != DISCO_SUCCESS) return rc;
-  /* Test hook / tuning knob; all ranks must agree (checked in create). */
+  /* Test hooks / tuning knobs; all ranks must agree (checked in create). */
   const char *env = getenv("DISCO_NCCL_SPLIT_BYTES");
   st->split_bytes = env != NULL && atoll(env) > 0 ? atoll(env) : DISCO_SPLIT_BYTES;
+  if (st->split_bytes >= (1ll << 47)) st->split_bytes = 1ll << 47; /* never splits */
+  st->dispatch_chunks =
+      disco_nccl_chunks("DISCO_NCCL_DISPATCH_CHUNKS", DISCO_DISPATCH_CHUNKS);
+  st->combine_chunks =
+      disco_nccl_chunks("DISCO_NCCL_COMBINE_CHUNKS", DISCO_COMBINE_CHUNKS);
   const size_t wire = c->combine_wire == DISCO_COMBINE_WIRE_FP32 ? 4u : comm->elem_size;
   const size_t elem = wire > comm->elem_size ? wire : comm->elem_size;
   const size_t tpb = 32u * (size_t)p->layout_warps;
@@ -274,7 +302,12 @@ static disco_result_t disco_nccl_setup(disco_comm_t *comm, const char *fn) {
   if (rc != DISCO_SUCCESS) return rc;
   rc = disco_nccl_cuda(cudaMemset(p->blk_done, 0, 8u), fn, "cudaMemset", comm->rank);
   if (rc != DISCO_SUCCESS) return rc;
-  cudaEvent_t *evs[] = {&st->done, &st->ev_fork, &st->ev_pack, &st->ev_mid, &st->ev_aux};
+  cudaEvent_t *evs[5 + 2 * DISCO_MAX_CHUNKS] = {&st->done, &st->ev_fork, &st->ev_pack,
+                                                &st->ev_mid, &st->ev_aux};
+  for (int i = 0; i < DISCO_MAX_CHUNKS; i++) {
+    evs[5 + i] = &st->ev_piece[i];
+    evs[5 + DISCO_MAX_CHUNKS + i] = &st->ev_land[i];
+  }
   for (size_t i = 0; i < sizeof(evs) / sizeof(evs[0]); i++) {
     rc = disco_nccl_cuda(cudaEventCreateWithFlags(evs[i], cudaEventDisableTiming), fn,
                          "cudaEventCreate", comm->rank);
@@ -401,7 +434,9 @@ static disco_result_t disco_nccl_make(disco_comm_t *comm, ncclComm_t nccl, int d
   st->nccl = nccl;
   st->device = device;
   disco_result_t rc = disco_nccl_setup(comm, fn);
-  *split = st->split_bytes;
+  /* One value for the agreement: split bytes (< 2^47) and both chunk counts. */
+  *split = st->split_bytes | (int64_t)st->dispatch_chunks << 48 |
+           (int64_t)st->combine_chunks << 56;
   return rc;
 }
 
@@ -410,7 +445,7 @@ disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm, const disco_config_t
   return disco_nccl_create(
       nccl_comm, config, "disco_comm_create_nccl",
       "num_experts, top_k, hidden, max_tokens, dtype, combine_wire or "
-      "DISCO_NCCL_SPLIT_BYTES",
+      "DISCO_NCCL_SPLIT_BYTES / _DISPATCH_CHUNKS / _COMBINE_CHUNKS",
       disco_nccl_make, out);
 }
 

@@ -85,31 +85,47 @@ disco_result_t disco_nccl_check_status(const disco_comm_t *comm, const disco_kpa
   return DISCO_SUCCESS;
 }
 
-/* Combine only (EXPERT_MAJOR, top_k >= DISCO_SPLIT_MIN_TOPK): rows of a
- * peer segment from which its partials go in two pipelined halves. */
+/* Least rows of a pipelined piece (see disco_piece in src/cuda/kernels.h). */
 static int64_t disco_split_rows(const disco_comm_t *comm) {
   const disco_nccl_state_t *st = comm->backend_state;
   return (st->split_bytes + (int64_t)comm->row_bytes - 1) / (int64_t)comm->row_bytes;
 }
 
-/* Rows [lo, hi) of an n-row peer segment that pipelined chunk c carries:
- * c = 0 the first part, c = 1 the rest, c < 0 all. Both ends decide alike:
- * the sender's n_to equals the receiver's n_from, row_bytes is the config's.
- * Must match disco_sel (src/cuda/rowsel.cuh). */
-static void disco_half(int64_t n, int c, int64_t split, int64_t *lo, int64_t *hi) {
-  int64_t h = n >= split ? n / 2 : n;
-  *lo = c == 1 ? h : 0;
-  *hi = c == 0 ? h : n;
+/* Rows [lo, hi) of an n-row peer segment that piece c of `chunks` carries
+ * (c < 0: all of it). */
+static void disco_cut(const disco_comm_t *comm, int64_t n, int c, int chunks, int64_t *lo,
+                      int64_t *hi) {
+  long long l, h;
+  disco_piece(n, c, chunks, disco_split_rows(comm), &l, &h);
+  *lo = l, *hi = h;
 }
 
-/* Rows of the peers' halves of chunk c (launch size of a chunk rowsel). */
+/* Most pieces any of this rank's segments (sent or received) is cut into.
+ * A pair's piece c travels in group c on both ends; groups past this rank's
+ * last piece would be empty here, so they are not posted. */
+static int disco_used_pieces(const disco_comm_t *comm, const disco_nccl_plan_t *pl,
+                             int chunks) {
+  int64_t most = 1;
+  for (int q = 0; q < comm->world_size; q++) {
+    if (q == comm->rank) continue;
+    int64_t a = disco_pieces(pl->n_to[q], chunks, disco_split_rows(comm)),
+            b = disco_pieces(pl->n_from[q], chunks, disco_split_rows(comm));
+    most = a > most ? a : most;
+    most = b > most ? b : most;
+  }
+  return (int)most;
+}
+
+/* Rows of the peers' pieces c (launch size of a piece rowsel); side: the
+ * launch runs beside an NCCL kernel. */
 static disco_rowsel_t disco_chunk_sel(const disco_comm_t *comm,
-                                      const disco_nccl_plan_t *pl, int c) {
-  disco_rowsel_t s = {0, 0, 0, 0, c, disco_split_rows(comm)};
+                                      const disco_nccl_plan_t *pl, int c, int chunks,
+                                      int side) {
+  disco_rowsel_t s = {0, 0, 0, 0, c, chunks, disco_split_rows(comm), side};
   for (int q = 0; q < comm->world_size; q++) {
     int64_t lo, hi;
     if (q == comm->rank) continue;
-    disco_half(pl->n_from[q], c, s.split, &lo, &hi);
+    disco_cut(comm, pl->n_from[q], c, chunks, &lo, &hi);
     s.n += hi - lo;
   }
   return s;
@@ -118,20 +134,19 @@ static disco_rowsel_t disco_chunk_sel(const disco_comm_t *comm,
 /* One NCCL group of dispatch rows + metadata (c < 0: whole segments).
  * `dst`: where received rows land (recv_x or the workspace). */
 static disco_result_t disco_post_rows(disco_comm_t *comm, const disco_nccl_plan_t *pl,
-                                      char *dst, int c, cudaStream_t stream,
+                                      char *dst, int c, int chunks, cudaStream_t stream,
                                       const char *fn) {
   const disco_nccl_state_t *st = comm->backend_state;
   const disco_kparams_t *p = &st->kp;
   const int W = comm->world_size, r = comm->rank;
   const size_t rb = comm->row_bytes, mb = (size_t)p->meta_ints * 4u,
                M = (size_t)p->max_tokens;
-  const int64_t split = disco_split_rows(comm);
   disco_result_t rc = disco_nccl_nccl(ncclGroupStart(), fn, "ncclGroupStart", r);
   if (rc != DISCO_SUCCESS) return rc;
   for (int d = 0; d < W && rc == DISCO_SUCCESS; d++) {
     int64_t lo, hi;
     if (d == r) continue;
-    disco_half(pl->n_to[d], c, split, &lo, &hi);
+    disco_cut(comm, pl->n_to[d], c, chunks, &lo, &hi);
     if (hi > lo) {
       rc =
           disco_nccl_nccl(ncclSend((char *)p->ws_send + ((size_t)d * M + (size_t)lo) * rb,
@@ -143,7 +158,7 @@ static disco_result_t disco_post_rows(disco_comm_t *comm, const disco_nccl_plan_
                      (size_t)(hi - lo) * mb, ncclChar, d, st->nccl, stream),
             fn, "ncclSend(metadata)", r);
     }
-    disco_half(pl->n_from[d], c, split, &lo, &hi);
+    disco_cut(comm, pl->n_from[d], c, chunks, &lo, &hi);
     if (hi > lo && rc == DISCO_SUCCESS) {
       const size_t at = (size_t)(pl->recv_off[d] + lo);
       rc = disco_nccl_nccl(
@@ -165,24 +180,23 @@ static disco_result_t disco_post_rows(disco_comm_t *comm, const disco_nccl_plan_
 
 /* One NCCL group of combine partials (row bytes wb), chunk c. */
 static disco_result_t disco_post_partials(disco_comm_t *comm, const disco_nccl_plan_t *pl,
-                                          const char *part, size_t wb, int c,
+                                          const char *part, size_t wb, int c, int chunks,
                                           cudaStream_t stream, const char *fn) {
   const disco_nccl_state_t *st = comm->backend_state;
   const int W = comm->world_size, r = comm->rank;
   const size_t M = (size_t)st->kp.max_tokens;
-  const int64_t split = disco_split_rows(comm);
   disco_result_t rc = disco_nccl_nccl(ncclGroupStart(), fn, "ncclGroupStart", r);
   if (rc != DISCO_SUCCESS) return rc;
   for (int d = 0; d < W && rc == DISCO_SUCCESS; d++) {
     int64_t lo, hi;
     if (d == r) continue;
-    disco_half(pl->n_from[d], c, split, &lo, &hi);
+    disco_cut(comm, pl->n_from[d], c, chunks, &lo, &hi);
     if (hi > lo)
       rc =
           disco_nccl_nccl(ncclSend(part + (size_t)(pl->recv_off[d] + lo) * wb,
                                    (size_t)(hi - lo) * wb, ncclChar, d, st->nccl, stream),
                           fn, "ncclSend(partials)", r);
-    disco_half(pl->n_to[d], c, split, &lo, &hi);
+    disco_cut(comm, pl->n_to[d], c, chunks, &lo, &hi);
     if (hi > lo && rc == DISCO_SUCCESS)
       rc = disco_nccl_nccl(
           ncclRecv((char *)st->kp.ws_send + ((size_t)d * M + (size_t)lo) * wb,
@@ -347,23 +361,32 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
     cap_rc =
         disco_error(DISCO_ERR_NOT_SUPPORTED, "%s: %lld rows exceed 2^31-1 on rank %d", fn,
                     (long long)rows, r);
-  /* Payload and metadata in one group. Peers send regardless of our
-   * capacity, so a rank that cannot take its rows still receives them, into
-   * the workspace. (Two pipelined halves measured slower here: 2x H200,
-   * 4096 tokens, +20..40 us.) */
+  /* Payload and metadata. Peers send regardless of our capacity, so a rank
+   * that cannot take its rows still receives them, into the workspace.
+   * EXPERT_MAJOR with DISCO_NCCL_DISPATCH_CHUNKS > 1: each peer segment goes
+   * in pieces, one NCCL group each, and the side stream expands a piece while
+   * the next one is on the wire; the last piece is expanded here. */
   CK_CUDA(cudaStreamWaitEvent(stream, st->ev_pack, 0), "cudaStreamWaitEvent");
   char *dst =
       rank_major && cap_rc == DISCO_SUCCESS ? (char *)args->recv_x : (char *)p->ws_recv;
-  rc = disco_post_rows(comm, pl, dst, -1, stream, fn);
-  if (rc != DISCO_SUCCESS) goto done;
+  const int dchunks = rank_major ? 1 : st->dispatch_chunks;
+  const int np = dchunks > 1 ? disco_used_pieces(comm, pl, dchunks) : 1;
+  for (int c = 0; c < np; c++) {
+    rc = disco_post_rows(comm, pl, dst, np > 1 ? c : -1, dchunks, stream, fn);
+    if (rc != DISCO_SUCCESS) goto done;
+    if (c + 1 < np) CK_CUDA(cudaEventRecord(st->ev_land[c], stream), "cudaEventRecord");
+  }
   if (cap_rc != DISCO_SUCCESS) {
     rc = cap_rc;
     goto done;
   }
   /* This rank's own rows, on the side stream while NCCL moves the others. */
   const int64_t self_n = pl->n_from[r], self_off = pl->recv_off[r];
-  const disco_rowsel_t self = {self_n, self_off, INT64_MAX, 0, -1, 0};
-  const disco_rowsel_t peers = {pl->recv_tokens - self_n, 0, self_off, self_n, -1, 0};
+  const disco_rowsel_t self = {self_n, self_off, INT64_MAX, 0, -1, 1, 0, 1};
+  const disco_rowsel_t peers =
+      np > 1
+          ? disco_chunk_sel(comm, pl, np - 1, dchunks, 0)
+          : (disco_rowsel_t){pl->recv_tokens - self_n, 0, self_off, self_n, -1, 1, 0, 0};
   CK_CUDA(cudaStreamWaitEvent(st->aux, st->ev_mid, 0), "cudaStreamWaitEvent");
   if (rank_major) {
     if (self_n > 0)
@@ -376,6 +399,14 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
                                   args->recv_src_token, args->recv_expert,
                                   args->recv_weight, st->aux),
             "expand kernel (self)");
+    for (int c = 0; c + 1 < np; c++) {
+      CK_CUDA(cudaStreamWaitEvent(st->aux, st->ev_land[c], 0), "cudaStreamWaitEvent");
+      CK_CUDA(
+          disco_k_expand_expert(p, dp, args->x, disco_chunk_sel(comm, pl, c, dchunks, 1),
+                                args->recv_x, args->recv_src_rank, args->recv_src_token,
+                                args->recv_expert, args->recv_weight, st->aux),
+          "expand kernel (piece)");
+    }
   }
   CK_CUDA(cudaEventRecord(st->ev_aux, st->aux), "cudaEventRecord");
   tail = st->ev_aux;
@@ -420,55 +451,77 @@ disco_result_t disco_nccl_combine(disco_comm_t *comm, disco_handle_t *handle,
                      comm->config.dtype != DISCO_DTYPE_FP32;
   const size_t wb = wire32 ? (size_t)comm->config.hidden * 4u : comm->row_bytes;
   const char *part = rank_major ? (const char *)args->y : (const char *)p->ws_recv;
-  const disco_rowsel_t self = {pl->n_from[r], pl->recv_off[r], INT64_MAX, 0, -1, 0};
+  const disco_rowsel_t self = {pl->n_from[r], pl->recv_off[r], INT64_MAX, 0, -1, 1, 0, 1};
   /* Weighting follows each token's own rank: rows of a rank that gave no
    * weights carry 1.0 (packed so), and 1.0f * y == y exactly. */
   const int weighted = args->weighted;
+  const int cchunks = st->combine_chunks;
+  const int np = cchunks > 1 ? disco_used_pieces(comm, pl, cchunks) : 1;
+  const long long split = disco_split_rows(comm);
   disco_result_t rc;
   int forked = 0;
 
   CK_CUDA(cudaSetDevice(st->device), "cudaSetDevice");
-  if (rank_major) { /* the caller reduced: y goes back as it is */
-    rc = disco_post_partials(comm, pl, part, wb, -1, stream, fn);
-    if (rc != DISCO_SUCCESS) goto done;
-  } else {
-    /* Pipeline: the first part of the peers' partials, then its transfer
-     * while the side stream reduces the rest and our own rows. Worth a
-     * second NCCL group only where the expert side has several experts per
-     * row to fold (config top_k, the same on every rank, so both ends of a
-     * pair post the same groups). */
-    const int split = comm->config.top_k >= DISCO_SPLIT_MIN_TOPK;
+  /* The side stream starts where the caller's stream is (y written, the last
+   * combine's token kernel done with the pass lists). A RANK_MAJOR combine
+   * in one piece has nothing for it. */
+  if (!rank_major || np > 1) {
+    CK_CUDA(cudaEventRecord(st->ev_fork, stream), "cudaEventRecord");
+    CK_CUDA(cudaStreamWaitEvent(st->aux, st->ev_fork, 0), "cudaStreamWaitEvent");
+    forked = 1;
+  }
+  /* Pipeline (DISCO_NCCL_COMBINE_CHUNKS > 1): each peer segment's partials
+   * go in pieces, one NCCL group each. EXPERT_MAJOR folds piece 0 here and
+   * the others (then its own rows) on the side stream, each ahead of its
+   * group. Tokens are sorted by the piece their last partial travels in;
+   * the side stream folds each piece's tokens once it has landed, and the
+   * last piece's tokens are folded here. */
+  if (!rank_major) {
     const disco_rowsel_t first =
-        split ? disco_chunk_sel(comm, pl, 0)
-              : (disco_rowsel_t){pl->recv_tokens - self.n, 0, self.base, self.n, -1, 0};
+        np > 1 ? disco_chunk_sel(comm, pl, 0, cchunks, 0)
+               : (disco_rowsel_t){
+                     pl->recv_tokens - self.n, 0, self.base, self.n, -1, 1, 0, 0};
     CK_CUDA(disco_k_combine_expert(p, &pl->dev, args->y, first, weighted, wire32, stream),
             "combine expert kernel (peers)");
-    CK_CUDA(cudaEventRecord(st->ev_mid, stream), "cudaEventRecord");
-    CK_CUDA(cudaStreamWaitEvent(st->aux, st->ev_mid, 0), "cudaStreamWaitEvent");
-    forked = 1;
-    if (split) {
-      CK_CUDA(disco_k_combine_expert(p, &pl->dev, args->y, disco_chunk_sel(comm, pl, 1),
-                                     weighted, wire32, st->aux),
-              "combine expert kernel (second part)");
-      CK_CUDA(cudaEventRecord(st->ev_fork, st->aux), "cudaEventRecord");
+    for (int c = 1; c < np; c++) {
+      CK_CUDA(disco_k_combine_expert(p, &pl->dev, args->y,
+                                     disco_chunk_sel(comm, pl, c, cchunks, 1), weighted,
+                                     wire32, st->aux),
+              "combine expert kernel (piece)");
+      CK_CUDA(cudaEventRecord(st->ev_piece[c], st->aux), "cudaEventRecord");
     }
     CK_CUDA(disco_k_combine_expert(p, &pl->dev, args->y, self, weighted, wire32, st->aux),
             "combine expert kernel (self)");
-    CK_CUDA(cudaEventRecord(st->ev_aux, st->aux), "cudaEventRecord");
-    rc = disco_post_partials(comm, pl, part, wb, split ? 0 : -1, stream, fn);
-    if (rc != DISCO_SUCCESS) goto done;
-    if (split) {
-      CK_CUDA(cudaStreamWaitEvent(stream, st->ev_fork, 0), "cudaStreamWaitEvent");
-      rc = disco_post_partials(comm, pl, part, wb, 1, stream, fn);
-      if (rc != DISCO_SUCCESS) goto done;
-    }
-    forked = 0;
-    CK_CUDA(cudaStreamWaitEvent(stream, st->ev_aux, 0), "cudaStreamWaitEvent");
   }
-  CK_CUDA(disco_k_combine_token(p, &pl->dev, part, wire32, handle->num_tokens, args->out,
-                                stream),
+  if (np > 1)
+    CK_CUDA(disco_k_combine_classify(p, &pl->dev, handle->num_tokens, cchunks, split,
+                                     st->aux),
+            "combine classify kernel");
+  for (int c = 0; c < np; c++) {
+    if (!rank_major && c > 0) /* piece c folded */
+      CK_CUDA(cudaStreamWaitEvent(stream, st->ev_piece[c], 0), "cudaStreamWaitEvent");
+    rc = disco_post_partials(comm, pl, part, wb, np > 1 ? c : -1, cchunks, stream, fn);
+    if (rc != DISCO_SUCCESS) goto done;
+    if (c + 1 < np) CK_CUDA(cudaEventRecord(st->ev_land[c], stream), "cudaEventRecord");
+  }
+  for (int c = 0; c + 1 < np; c++) { /* piece c landed: its tokens */
+    CK_CUDA(cudaStreamWaitEvent(st->aux, st->ev_land[c], 0), "cudaStreamWaitEvent");
+    CK_CUDA(disco_k_combine_token(p, &pl->dev, part, wire32, handle->num_tokens, c, 1,
+                                  args->out, st->aux),
+            "combine token kernel (piece)");
+  }
+  if (forked) {
+    CK_CUDA(cudaEventRecord(st->ev_aux, st->aux), "cudaEventRecord");
+    CK_CUDA(cudaStreamWaitEvent(stream, st->ev_aux, 0), "cudaStreamWaitEvent");
+    forked = 0;
+  }
+  CK_CUDA(disco_k_combine_token(p, &pl->dev, part, wire32, handle->num_tokens,
+                                np > 1 ? np - 1 : -1, 0, args->out, stream),
           "combine token kernel");
 done:
-  if (forked) cudaStreamWaitEvent(stream, st->ev_aux, 0); /* error path: still join */
+  if (forked) { /* error path: still join the side stream */
+    cudaEventRecord(st->ev_aux, st->aux);
+    cudaStreamWaitEvent(stream, st->ev_aux, 0);
+  }
   return rc;
 }
