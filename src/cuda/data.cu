@@ -122,6 +122,31 @@ extern "C" cudaError_t disco_k_expand_expert(const disco_kparams_t *p,
   return cudaGetLastError();
 }
 
+/* ---- plain row copy (registered payload buffers <-> the caller's) ----------- */
+__global__ void __launch_bounds__(DISCO_SIDE_THREADS)
+    disco_copy_rows_kernel(disco_kparams_t p, disco_dev_plan_t pl, disco_rowsel_t sel,
+                           const uint4 *src, uint4 *dst) {
+  const int nv = p.row_vecs;
+  const int v = blockIdx.x * blockDim.x + threadIdx.x;
+  if (v >= nv) return;
+  for (long long j = blockIdx.y; j < sel.n; j += gridDim.y) {
+    const long long i = disco_sel(sel, pl.recv_off, p.world, p.rank, j);
+    dst[i * nv + v] = disco_ldg(src + i * nv + v);
+  }
+}
+
+extern "C" cudaError_t disco_k_copy_rows(const disco_kparams_t *p,
+                                         const disco_dev_plan_t *pl, disco_rowsel_t sel,
+                                         const void *src, void *dst,
+                                         cudaStream_t stream) {
+  if (sel.n <= 0) return cudaSuccess;
+  dim3 grid, block;
+  disco_row_shape(p, sel.n, sel.side, &grid, &block);
+  disco_copy_rows_kernel<<<grid, block, 0, stream>>>(*p, *pl, sel, (const uint4 *)src,
+                                                     (uint4 *)dst);
+  return cudaGetLastError();
+}
+
 /* Padding rows of EXPERT_MAJOR groups: zero data, metadata -1 / 0.0. One block
  * per local expert. */
 __global__ void __launch_bounds__(DISCO_THREADS)

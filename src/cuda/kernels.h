@@ -185,6 +185,10 @@ cudaError_t disco_k_expand_expert(const disco_kparams_t *p, const disco_dev_plan
                                   const void *x, disco_rowsel_t sel, void *recv_x,
                                   int32_t *src_rank, int32_t *src_token, int32_t *expert,
                                   float *weight, cudaStream_t stream);
+/* dst row i = src row i for the received-token rows `sel` picks. */
+cudaError_t disco_k_copy_rows(const disco_kparams_t *p, const disco_dev_plan_t *pl,
+                              disco_rowsel_t sel, const void *src, void *dst,
+                              cudaStream_t stream);
 cudaError_t disco_k_padding(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                             void *recv_x, int32_t *src_rank, int32_t *src_token,
                             int32_t *expert, float *weight, cudaStream_t stream);

@@ -20,6 +20,11 @@ typedef struct cuda_dev {
   cudaStream_t stream;
   int n_ev;
   cudaEvent_t *ev_begin, *ev_end;
+  /* DISCO_BENCH_PLAIN_REGISTERED=1: the plain baseline moves its bytes
+   * between buffers from ncclMemAlloc registered with ncclCommRegister
+   * (NCCL's zero-copy path) instead of the case's cudaMalloc ones. */
+  void *reg_buf[2], *reg_handle[2];
+  size_t reg_bytes[2];
 } cuda_dev_t;
 
 #define CUDA_OK(c, call)                                                           \
@@ -105,10 +110,34 @@ static void cuda_comm_destroy(rank_ctx_t *c, disco_comm_t *comm) {
   c->g->barrier(c);
 }
 
+/* Registered buffer i of at least `bytes` (DISCO_BENCH_PLAIN_REGISTERED). */
+static void *cuda_reg_buf(rank_ctx_t *c, int i, size_t bytes) {
+  cuda_dev_t *cd = c->dstate;
+  if (bytes <= cd->reg_bytes[i]) return cd->reg_buf[i];
+  if (cd->reg_buf[i] != NULL) {
+    CUDA_OK(c, cudaStreamSynchronize(cd->stream));
+    NCCL_OK(c, ncclCommDeregister(cd->nccl, cd->reg_handle[i]));
+    NCCL_OK(c, ncclMemFree(cd->reg_buf[i]));
+  }
+  cd->reg_buf[i] = NULL;
+  cd->reg_bytes[i] = 0;
+  NCCL_OK(c, ncclMemAlloc(&cd->reg_buf[i], bytes));
+  NCCL_OK(c, ncclCommRegister(cd->nccl, cd->reg_buf[i], bytes, &cd->reg_handle[i]));
+  cd->reg_bytes[i] = bytes;
+  return cd->reg_buf[i];
+}
+
 static void cuda_plain(rank_ctx_t *c, const size_t *send_bytes, const void *sbuf,
                        const size_t *recv_bytes, void *rbuf) {
   cuda_dev_t *cd = c->dstate;
   size_t so = 0, ro = 0;
+  const char *reg = getenv("DISCO_BENCH_PLAIN_REGISTERED");
+  if (reg != NULL && reg[0] == '1') {
+    size_t st = 256, rt = 256;
+    for (int p = 0; p < c->world; p++) st += send_bytes[p], rt += recv_bytes[p];
+    sbuf = cuda_reg_buf(c, 0, st);
+    rbuf = cuda_reg_buf(c, 1, rt);
+  }
   NCCL_OK(c, ncclGroupStart());
   for (int p = 0; p < c->world; p++) {
     if (send_bytes[p])
@@ -195,6 +224,12 @@ static void cuda_rank_fini(rank_ctx_t *c) {
   }
   free(cd->ev_begin);
   free(cd->ev_end);
+  for (int i = 0; i < 2; i++)
+    if (cd->reg_buf[i] != NULL) {
+      cudaDeviceSynchronize();
+      ncclCommDeregister(cd->nccl, cd->reg_handle[i]);
+      ncclMemFree(cd->reg_buf[i]);
+    }
   if (cd->stream) cudaStreamDestroy(cd->stream);
   free(cd);
   c->dstate = NULL;

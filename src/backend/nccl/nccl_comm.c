@@ -12,6 +12,10 @@
 
 #define DISCO_ALIGN_UP(n, a) (((n) + (a)-1) / (a) * (a))
 #define DISCO_SMEM_LIMIT 49152
+/* ncclMemAlloc and ncclCommRegister (NCCL 2.19): zero-copy sends between
+ * registered buffers. */
+#define DISCO_NCCL_CAN_REGISTER (NCCL_VERSION_CODE >= NCCL_VERSION(2, 19, 0))
+
 /* SMs kept free for NCCL's kernel while the side stream works beside it.
  * 2x H100 (run 43): 4096 tokens, K 8, EXPERT_MAJOR dispatch ~455 us with 32
  * or 48 free against ~500-520 with none or 16 (NCCL's kernel then waits). */
@@ -167,10 +171,17 @@ static void disco_nccl_destroy(disco_comm_t *comm) {
   disco_nccl_state_t *st = comm->backend_state;
   if (st == NULL) return;
   cudaSetDevice(st->device);
-  cudaFree(st->kp.ws_send);
-  cudaFree(st->kp.ws_recv);
-  cudaFree(st->kp.send_meta);
-  cudaFree(st->kp.recv_meta);
+  void *payload[4] = {st->kp.ws_send, st->kp.ws_recv, st->kp.send_meta, st->kp.recv_meta};
+  for (int i = 0; i < 4; i++) {
+#if DISCO_NCCL_CAN_REGISTER
+    if (st->registered) {
+      if (st->reg_handle[i] != NULL) ncclCommDeregister(st->nccl, st->reg_handle[i]);
+      if (payload[i] != NULL) ncclMemFree(payload[i]);
+      continue;
+    }
+#endif
+    cudaFree(payload[i]);
+  }
   cudaFree(st->kp.blk_cnt);
   cudaFree(st->kp.err_key);
   if (st->done != NULL) cudaEventDestroy(st->done);
@@ -290,10 +301,24 @@ static disco_result_t disco_nccl_setup(disco_comm_t *comm, const char *fn) {
       {(void **)&p->blk_cnt, bmax * (size_t)p->num_cols * 4u, "cudaMalloc(block counts)"},
       {(void **)&p->err_key, 16u, "cudaMalloc(error key)"},
   };
+  const char *reg = getenv("DISCO_NCCL_REGISTER");
+  st->registered = DISCO_NCCL_CAN_REGISTER && reg != NULL && strcmp(reg, "1") == 0;
   for (size_t i = 0; i < sizeof(allocs) / sizeof(allocs[0]); i++) {
-    rc = disco_nccl_cuda(
-        cudaMalloc(allocs[i].ptr, allocs[i].bytes ? allocs[i].bytes : 16u), fn,
-        allocs[i].what, comm->rank);
+    const size_t bytes = allocs[i].bytes ? allocs[i].bytes : 16u;
+#if DISCO_NCCL_CAN_REGISTER
+    if (st->registered && i < 4) { /* the payload buffers, in state order */
+      rc = disco_nccl_nccl(ncclMemAlloc(allocs[i].ptr, bytes), fn, "ncclMemAlloc",
+                           comm->rank);
+      if (rc == DISCO_SUCCESS)
+        rc = disco_nccl_nccl(
+            ncclCommRegister(st->nccl, *allocs[i].ptr, bytes, &st->reg_handle[i]), fn,
+            "ncclCommRegister", comm->rank);
+      if (rc != DISCO_SUCCESS) return rc;
+      continue;
+    }
+#endif
+    rc =
+        disco_nccl_cuda(cudaMalloc(allocs[i].ptr, bytes), fn, allocs[i].what, comm->rank);
     if (rc != DISCO_SUCCESS) return rc;
   }
   /* err_key (8 bytes, ~0 = no error), then the layout block counter (0). */
@@ -434,9 +459,10 @@ static disco_result_t disco_nccl_make(disco_comm_t *comm, ncclComm_t nccl, int d
   st->nccl = nccl;
   st->device = device;
   disco_result_t rc = disco_nccl_setup(comm, fn);
-  /* One value for the agreement: split bytes (< 2^47) and both chunk counts. */
+  /* One value for the agreement: split bytes (< 2^47), both chunk counts
+   * (<= 8) and whether payload buffers are registered. */
   *split = st->split_bytes | (int64_t)st->dispatch_chunks << 48 |
-           (int64_t)st->combine_chunks << 56;
+           (int64_t)st->combine_chunks << 52 | (int64_t)st->registered << 56;
   return rc;
 }
 
@@ -445,7 +471,7 @@ disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm, const disco_config_t
   return disco_nccl_create(
       nccl_comm, config, "disco_comm_create_nccl",
       "num_experts, top_k, hidden, max_tokens, dtype, combine_wire or "
-      "DISCO_NCCL_SPLIT_BYTES / _DISPATCH_CHUNKS / _COMBINE_CHUNKS",
+      "DISCO_NCCL_SPLIT_BYTES / _DISPATCH_CHUNKS / _COMBINE_CHUNKS / _REGISTER",
       disco_nccl_make, out);
 }
 

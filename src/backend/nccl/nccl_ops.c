@@ -367,8 +367,12 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
    * in pieces, one NCCL group each, and the side stream expands a piece while
    * the next one is on the wire; the last piece is expanded here. */
   CK_CUDA(cudaStreamWaitEvent(stream, st->ev_pack, 0), "cudaStreamWaitEvent");
-  char *dst =
-      rank_major && cap_rc == DISCO_SUCCESS ? (char *)args->recv_x : (char *)p->ws_recv;
+  /* RANK_MAJOR rows land straight in recv_x, unless the workspaces are
+   * registered: then in ws_recv, copied after (NCCL's zero-copy path wants
+   * registered buffers on both ends of every send). */
+  char *dst = rank_major && cap_rc == DISCO_SUCCESS && !st->registered
+                  ? (char *)args->recv_x
+                  : (char *)p->ws_recv;
   const int dchunks = rank_major ? 1 : st->dispatch_chunks;
   const int np = dchunks > 1 ? disco_used_pieces(comm, pl, dchunks) : 1;
   for (int c = 0; c < np; c++) {
@@ -411,6 +415,9 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   CK_CUDA(cudaEventRecord(st->ev_aux, st->aux), "cudaEventRecord");
   tail = st->ev_aux;
   if (rank_major) {
+    if (st->registered)
+      CK_CUDA(disco_k_copy_rows(p, dp, peers, p->ws_recv, args->recv_x, stream),
+              "copy kernel (peer rows)");
     CK_CUDA(disco_k_expand_rank(p, dp, pl->recv_tokens, args->recv_src_rank,
                                 args->recv_src_token, args->recv_expert,
                                 args->recv_weight, stream),
@@ -450,7 +457,11 @@ disco_result_t disco_nccl_combine(disco_comm_t *comm, disco_handle_t *handle,
                      comm->config.combine_wire == DISCO_COMBINE_WIRE_FP32 &&
                      comm->config.dtype != DISCO_DTYPE_FP32;
   const size_t wb = wire32 ? (size_t)comm->config.hidden * 4u : comm->row_bytes;
-  const char *part = rank_major ? (const char *)args->y : (const char *)p->ws_recv;
+  /* Partials travel from ws_recv; a RANK_MAJOR y is sent as it is, copied
+   * there first if the workspaces are registered (see dispatch). */
+  const char *part =
+      rank_major && !st->registered ? (const char *)args->y : (const char *)p->ws_recv;
+  const char *self_part = rank_major ? (const char *)args->y : part;
   const disco_rowsel_t self = {pl->n_from[r], pl->recv_off[r], INT64_MAX, 0, -1, 1, 0, 1};
   /* Weighting follows each token's own rank: rows of a rank that gave no
    * weights carry 1.0 (packed so), and 1.0f * y == y exactly. */
@@ -493,6 +504,12 @@ disco_result_t disco_nccl_combine(disco_comm_t *comm, disco_handle_t *handle,
     CK_CUDA(disco_k_combine_expert(p, &pl->dev, args->y, self, weighted, wire32, st->aux),
             "combine expert kernel (self)");
   }
+  if (rank_major && st->registered) {
+    const disco_rowsel_t peers = {
+        pl->recv_tokens - self.n, 0, self.base, self.n, -1, 1, 0, 0};
+    CK_CUDA(disco_k_copy_rows(p, &pl->dev, peers, args->y, p->ws_recv, stream),
+            "copy kernel (y)");
+  }
   if (np > 1)
     CK_CUDA(disco_k_combine_classify(p, &pl->dev, handle->num_tokens, cchunks, split,
                                      st->aux),
@@ -506,8 +523,8 @@ disco_result_t disco_nccl_combine(disco_comm_t *comm, disco_handle_t *handle,
   }
   for (int c = 0; c + 1 < np; c++) { /* piece c landed: its tokens */
     CK_CUDA(cudaStreamWaitEvent(st->aux, st->ev_land[c], 0), "cudaStreamWaitEvent");
-    CK_CUDA(disco_k_combine_token(p, &pl->dev, part, wire32, handle->num_tokens, c, 1,
-                                  args->out, st->aux),
+    CK_CUDA(disco_k_combine_token(p, &pl->dev, self_part, wire32, handle->num_tokens, c,
+                                  1, args->out, st->aux),
             "combine token kernel (piece)");
   }
   if (forked) {
@@ -515,7 +532,7 @@ disco_result_t disco_nccl_combine(disco_comm_t *comm, disco_handle_t *handle,
     CK_CUDA(cudaStreamWaitEvent(stream, st->ev_aux, 0), "cudaStreamWaitEvent");
     forked = 0;
   }
-  CK_CUDA(disco_k_combine_token(p, &pl->dev, part, wire32, handle->num_tokens,
+  CK_CUDA(disco_k_combine_token(p, &pl->dev, self_part, wire32, handle->num_tokens,
                                 np > 1 ? np - 1 : -1, 0, args->out, stream),
           "combine token kernel");
 done:
