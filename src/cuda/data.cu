@@ -19,6 +19,7 @@ static int disco_grid(const disco_kparams_t *p, int64_t warps) {
 }
 
 #include "cuda/meta.cuh"
+#include "cuda/rowmath.cuh"
 #include "cuda/rowsel.cuh"
 
 /* ---- pack ------------------------------------------------------------------ */
@@ -125,25 +126,33 @@ extern "C" cudaError_t disco_k_expand_expert(const disco_kparams_t *p,
 /* ---- plain row copy (registered payload buffers <-> the caller's) ----------- */
 __global__ void __launch_bounds__(DISCO_SIDE_THREADS)
     disco_copy_rows_kernel(disco_kparams_t p, disco_dev_plan_t pl, disco_rowsel_t sel,
-                           const uint4 *src, uint4 *dst) {
-  const int nv = p.row_vecs;
+                           const uint4 *src, uint4 *dst, int wide) {
+  const int nv = p.row_vecs, nq = p.dtype == DISCO_DTYPE_FP32 ? 1 : 2;
   const int v = blockIdx.x * blockDim.x + threadIdx.x;
   if (v >= nv) return;
   for (long long j = blockIdx.y; j < sel.n; j += gridDim.y) {
     const long long i = disco_sel(sel, pl.recv_off, p.world, p.rank, j);
-    dst[i * nv + v] = disco_ldg(src + i * nv + v);
+    const uint4 u = disco_ldg(src + i * nv + v);
+    if (wide) {
+      float f[8];
+      disco_unpack(u, p.dtype, f);
+      disco_store_part(dst + i * nv * nq, v, 1, nq, p.dtype, f);
+    } else {
+      dst[i * nv + v] = u;
+    }
   }
 }
 
 extern "C" cudaError_t disco_k_copy_rows(const disco_kparams_t *p,
                                          const disco_dev_plan_t *pl, disco_rowsel_t sel,
-                                         const void *src, void *dst,
+                                         const void *src, void *dst, int wide,
                                          cudaStream_t stream) {
   if (sel.n <= 0) return cudaSuccess;
   dim3 grid, block;
   disco_row_shape(p, sel.n, sel.side, &grid, &block);
-  disco_copy_rows_kernel<<<grid, block, 0, stream>>>(*p, *pl, sel, (const uint4 *)src,
-                                                     (uint4 *)dst);
+  disco_copy_rows_kernel<<<grid, block, 0, stream>>>(
+      *p, *pl, sel, (const uint4 *)src, (uint4 *)dst,
+      wide && p->dtype != DISCO_DTYPE_FP32);
   return cudaGetLastError();
 }
 

@@ -40,7 +40,8 @@ enum {
   DISCO_MSG_VALUE = 3,  /* offending id */
   DISCO_MSG_PREV = 4,   /* earlier slot holding the same id (duplicates) */
   DISCO_MSG_TOKENS = 5, /* tokens sent to the receiver */
-  DISCO_MSG_COUNTS = 6  /* then one count per receiver's local expert */
+  DISCO_MSG_LAYOUT = 6, /* the sender's own receive layout in this dispatch */
+  DISCO_MSG_COUNTS = 7  /* then one count per receiver's local expert */
 };
 
 /* Sizes and the comm's scratch buffers. */
@@ -53,6 +54,8 @@ typedef struct disco_kparams {
   int side_blocks;  /* most blocks of a row kernel run beside NCCL's (0: no
                        cap), env DISCO_NCCL_SIDE_SMS */
   int dtype;        /* disco_dtype_t */
+  int wire32;       /* config: fp32 combine wire with a 16-bit dtype */
+  int layout;       /* this call's receive layout (set per dispatch) */
   int row_vecs;     /* 16-byte vectors per row of the config dtype */
   int meta_ints;    /* int32 per metadata row */
   int msg_len;      /* int64 per count message */
@@ -136,11 +139,12 @@ typedef struct disco_rowsel {
  * DISCO_NCCL_COMBINE_CHUNKS): least bytes of a piece, and the most pieces
  * of a segment in dispatch (EXPERT_MAJOR: its expand follows each piece)
  * and in combine (the expert side's fold precedes each piece, the token side
- * follows it). Off by default: each extra NCCL group cost ~25-30 us on
- * H100, more than the overlap won (docs/nccl.md). */
-#define DISCO_SPLIT_BYTES (2ll << 20)
-#define DISCO_DISPATCH_CHUNKS 1
-#define DISCO_COMBINE_CHUNKS 1
+ * follows it). An extra NCCL group costs ~25 us; on 4x H200 two pieces won
+ * at 4096 tokens K 8 (52 MB per peer: 803 / 864 -> 776 / 819 us EXPERT_MAJOR)
+ * and lost from 15 MB down (run 46), hence 16 MiB pieces, at most two. */
+#define DISCO_SPLIT_BYTES (16ll << 20)
+#define DISCO_DISPATCH_CHUNKS 2
+#define DISCO_COMBINE_CHUNKS 2
 
 /* One handle's device plan. */
 typedef struct disco_dev_plan {
@@ -164,6 +168,10 @@ typedef struct disco_dev_plan {
   int32_t *pass_list; /* [DISCO_MAX_CHUNKS, M] tokens of each pipelined combine
                          pass (nccl backend), in no particular order */
   int32_t *pass_cnt;  /* [DISCO_MAX_CHUNKS] */
+  int32_t *wide;      /* [1] combine partials cross as fp32: wire32 and some
+                         rank received this dispatch EXPERT_MAJOR (then every
+                         rank's partials do, RANK_MAJOR ones widened from y,
+                         so that ranks may choose their layouts freely) */
 } disco_dev_plan_t;
 
 /* Layout, then (last block to finish, same launch) finalize. */
@@ -185,9 +193,10 @@ cudaError_t disco_k_expand_expert(const disco_kparams_t *p, const disco_dev_plan
                                   const void *x, disco_rowsel_t sel, void *recv_x,
                                   int32_t *src_rank, int32_t *src_token, int32_t *expert,
                                   float *weight, cudaStream_t stream);
-/* dst row i = src row i for the received-token rows `sel` picks. */
+/* dst row i = src row i for the received-token rows `sel` picks; wide: dst
+ * rows are fp32 (exact widening of the dtype). */
 cudaError_t disco_k_copy_rows(const disco_kparams_t *p, const disco_dev_plan_t *pl,
-                              disco_rowsel_t sel, const void *src, void *dst,
+                              disco_rowsel_t sel, const void *src, void *dst, int wide,
                               cudaStream_t stream);
 cudaError_t disco_k_padding(const disco_kparams_t *p, const disco_dev_plan_t *pl,
                             void *recv_x, int32_t *src_rank, int32_t *src_token,

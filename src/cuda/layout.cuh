@@ -75,6 +75,8 @@ static __device__ void disco_finalize_body(const disco_kparams_t &p,
       v = st[f];
     else if (f == DISCO_MSG_TOKENS)
       v = tot[E + d];
+    else if (f == DISCO_MSG_LAYOUT)
+      v = p.layout;
     else
       v = tot[d * p.num_local + (f - DISCO_MSG_COUNTS)];
     send[i] = v;

@@ -271,8 +271,16 @@ __device__ int nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t 
   if (nd_skip(sel, q == p.rank)) return 0;
   uint4 *dst = (uint4 *)(nd.peer[q] + nd.off_part) +
                ((long long)p.rank * p.max_tokens + (i - pl.recv_off[q])) * nd.part_vecs;
-  if (rank_major) { /* the caller reduced: the row goes back as it is */
+  if (rank_major && !wire32) { /* the caller reduced: the row goes back as it is */
     nd_copy_s<false, S>(&dst, 1, y + i * nv, lo, hi, tid);
+    return 1;
+  }
+  if (rank_major) { /* fp32 partials everywhere: the row widened (exact) */
+    for (int v = lo + tid; v < hi; v += S) {
+      float f[8];
+      disco_unpack(__ldg(y + i * nv + v), p.dtype, f);
+      disco_store_part(dst, v, 1, nq, p.dtype, f);
+    }
     return 1;
   }
   const int *rws = pl.comb_rows + i * K;

@@ -52,12 +52,15 @@ static __device__ void disco_recv_plan_body(const disco_kparams_t &p,
   const int W = p.world, L = p.num_local, ml = p.msg_len;
   const int64_t *send = pl.msg, *recv = pl.msg + (long long)W * ml;
   const int expert_major = layout == DISCO_LAYOUT_EXPERT_MAJOR;
-  __shared__ int ok;
+  __shared__ int ok, any_em;
   __shared__ long long rows;
-  if (threadIdx.x == 0) ok = 1;
+  if (threadIdx.x == 0) ok = 1, any_em = 0;
   __syncthreads();
-  for (int s = threadIdx.x; s < W; s += blockDim.x)
+  for (int s = threadIdx.x; s < W; s += blockDim.x) {
     if (recv[(long long)s * ml + DISCO_MSG_CODE] != 0) ok = 0;
+    if (recv[(long long)s * ml + DISCO_MSG_LAYOUT] == DISCO_LAYOUT_EXPERT_MAJOR)
+      any_em = 1;
+  }
   for (int l = threadIdx.x; l < L; l += blockDim.x) {
     long long acc = 0;
     for (int s0 = 0; s0 < W; s0 += 8) { /* loads in batches (see the layout's) */
@@ -101,6 +104,7 @@ static __device__ void disco_recv_plan_body(const disco_kparams_t &p,
       *pl.num_rows = rows;
       *pl.ok = ok;
       *pl.go = ok && rows <= cap;
+      *pl.wide = p.wire32 && any_em;
       if (p.lerr != NULL) /* no host sync: latch what the host would return */
         disco_latch_status(p, recv, ok, rows, cap, call);
     }

@@ -10,7 +10,7 @@
  * kernel, whose blocks each need most of an SM's registers: then at most
  * p->side_blocks blocks of up to DISCO_SIDE_THREADS threads, which leaves the
  * other SMs free for NCCL's blocks whenever its next group starts. */
-#define DISCO_SIDE_THREADS 512
+#define DISCO_SIDE_THREADS 1024
 static inline void disco_row_shape(const disco_kparams_t *p, long long rows, int side,
                                    dim3 *grid, dim3 *block) {
   const int nv = p->row_vecs;

@@ -221,6 +221,19 @@ int disco_ref_combine(const disco_config_t *cfg, int world, int rank,
                       const disco_ref_input_t *inputs, disco_layout_t layout,
                       int expert_alignment, const void *const *ys, int weighted,
                       void *out) {
+  disco_layout_t *layouts = ref_alloc((size_t)world, sizeof(disco_layout_t));
+  if (layouts == NULL) return -1;
+  for (int p = 0; p < world; p++) layouts[p] = layout;
+  const int rc = disco_ref_combine_layouts(cfg, world, rank, inputs, layouts,
+                                           expert_alignment, ys, weighted, out);
+  free(layouts);
+  return rc;
+}
+
+int disco_ref_combine_layouts(const disco_config_t *cfg, int world, int rank,
+                              const disco_ref_input_t *inputs,
+                              const disco_layout_t *layouts, int expert_alignment,
+                              const void *const *ys, int weighted, void *out) {
   ref_dims_t d = ref_dims(cfg, world);
   const disco_ref_input_t *mine = &inputs[rank];
   int64_t *counts = ref_alloc((size_t)world * d.e_loc, sizeof(int64_t));
@@ -228,14 +241,13 @@ int disco_ref_combine(const disco_config_t *cfg, int world, int rank,
   int64_t *rows = ref_alloc((size_t)world * map_len, sizeof(int64_t));
   float *acc = ref_alloc((size_t)d.hidden, sizeof(float));
   float *part = ref_alloc((size_t)d.hidden, sizeof(float));
-  int use_w = weighted && mine->topk_weights && layout == DISCO_LAYOUT_EXPERT_MAJOR;
   int rc = -1;
 
   if (!counts || !rows || !acc || !part) goto cleanup;
   for (size_t i = 0; i < (size_t)world * map_len; i++) rows[i] = -1;
   for (int p = 0; p < world; p++) {
     ref_expert_counts(&d, inputs, p, counts + (size_t)p * d.e_loc);
-    ref_row_map(&d, inputs, p, layout, expert_alignment, counts + (size_t)p * d.e_loc,
+    ref_row_map(&d, inputs, p, layouts[p], expert_alignment, counts + (size_t)p * d.e_loc,
                 rank, rows + (size_t)p * map_len);
   }
 
@@ -244,7 +256,10 @@ int disco_ref_combine(const disco_config_t *cfg, int world, int rank,
     for (int p = 0; p < world; p++) {
       if (!ref_goes_to(mine, &d, t, p)) continue;
       const int64_t *map = rows + (size_t)p * map_len + t * d.k;
-      if (layout == DISCO_LAYOUT_RANK_MAJOR) {
+      /* The expert side (rank p) applies the weights of EXPERT_MAJOR rows. */
+      const int use_w =
+          weighted && mine->topk_weights && layouts[p] == DISCO_LAYOUT_EXPERT_MAJOR;
+      if (layouts[p] == DISCO_LAYOUT_RANK_MAJOR) {
         int64_t row = -1;
         for (int j = 0; j < d.k && row < 0; j++) row = map[j];
         for (int64_t h = 0; h < d.hidden; h++)

@@ -54,6 +54,12 @@ int disco_ref_combine(const disco_config_t *cfg, int world, int rank,
                       const disco_ref_input_t *inputs, disco_layout_t layout,
                       int expert_alignment, const void *const *ys, int weighted,
                       void *out);
+/* Same, with each rank's own receive layout (ranks may choose differently:
+ * rank p's rows of ys[p] are in layouts[p]'s order and folded by its rule). */
+int disco_ref_combine_layouts(const disco_config_t *cfg, int world, int rank,
+                              const disco_ref_input_t *inputs,
+                              const disco_layout_t *layouts, int expert_alignment,
+                              const void *const *ys, int weighted, void *out);
 
 #ifdef __cplusplus
 }

@@ -75,7 +75,10 @@ static void describe(const fcase_t *c, char *buf, size_t n) {
            "identity=%d",
            c->world, c->cfg.num_experts, c->cfg.top_k, (long long)c->cfg.hidden,
            th_dtype_name(c->cfg.dtype), (long long)c->tokens[0], th_route_name(c->route),
-           c->weighted, c->opts.layout == DISCO_LAYOUT_RANK_MAJOR ? "rank" : "expert",
+           c->weighted,
+           c->opts.mixed_layouts                       ? "mixed"
+           : c->opts.layout == DISCO_LAYOUT_RANK_MAJOR ? "rank"
+                                                       : "expert",
            c->opts.expert_alignment,
            c->opts.index_type == DISCO_INDEX_INT32 ? "int32" : "int64",
            c->cfg.combine_wire == DISCO_COMBINE_WIRE_DTYPE ? "dtype" : "fp32",
@@ -129,7 +132,8 @@ static void run_covering(int world) {
   static const int aligns[] = {0, 1, 4, 16, 7, 128};
   for (int i = 0; i < NUM_BASES; i++) {
     const fbase_t *b = &k_bases[i];
-    for (int v = 0; v < 3; v++) {
+    for (int v = 0; v < 4; v++) {
+      if (v == 3 && (world < 2 || i % 2)) continue; /* mixed layouts: half the bases */
       fcase_t c;
       memset(&c, 0, sizeof(c));
       c.world = world;
@@ -151,6 +155,11 @@ static void run_covering(int world) {
         c.opts.expert_alignment = aligns[(k + 1) % 6];
         c.opts.reuse = TH_REUSE_LAYOUT;
         c.opts.null_metadata = (k % 3) == 0;
+      } else if (v == 3) { /* odd ranks RANK_MAJOR, the others EXPERT_MAJOR */
+        c.opts.layout = DISCO_LAYOUT_EXPERT_MAJOR;
+        c.opts.mixed_layouts = 1;
+        c.opts.expert_alignment = aligns[(k + 2) % 6];
+        c.opts.reuse = (k % 2) ? TH_REUSE_LAYOUT : TH_REUSE_NONE;
       } else { /* EXPERT_MAJOR aligned, re-dispatch, unweighted sum, 2 combines */
         c.opts.layout = DISCO_LAYOUT_EXPERT_MAJOR;
         c.opts.expert_alignment = aligns[1 + (k % 5)];

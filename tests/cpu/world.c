@@ -187,7 +187,7 @@ static void round_dispatch_args(const th_round_t *rd, int rank,
                                                          : (const void *)w->idx[rank];
   a->topk_weights = w->weights[rank];
   a->num_tokens = w->num_tokens[rank];
-  a->layout = rd->opts.layout;
+  a->layout = th_layout_of(&rd->opts, rank);
   a->expert_alignment = rd->opts.expert_alignment;
 }
 
@@ -200,11 +200,12 @@ void th_round_rank(int rank, void *round) {
   disco_handle_t *h = rd->handles[rank];
   size_t es = th_elem_size(cfg->dtype);
   int64_t H = cfg->hidden, T = w->num_tokens[rank];
-  int slots = o->layout == DISCO_LAYOUT_RANK_MAJOR ? cfg->top_k : 1;
+  const disco_layout_t layout = th_layout_of(o, rank);
+  int slots = layout == DISCO_LAYOUT_RANK_MAJOR ? cfg->top_k : 1;
 
   disco_ref_output_t ref;
   memset(&ref, 0, sizeof(ref));
-  if (disco_ref_dispatch(cfg, w->world, rank, w->inputs, o->layout, o->expert_alignment,
+  if (disco_ref_dispatch(cfg, w->world, rank, w->inputs, layout, o->expert_alignment,
                          &ref) != 0) {
     th_fail(__FILE__, __LINE__, "rank %d: disco_ref_dispatch failed", rank);
     exit(2); /* the peers would wait on a barrier forever */
@@ -267,9 +268,13 @@ void th_round_rank(int rank, void *round) {
     th_buf_guards_ok(&ybuf, "combine y", rank);
     if (it == 0) {
       th_barrier_wait(rd->barrier); /* every rank's y is in rd->ys */
-      if (disco_ref_combine(cfg, w->world, rank, w->inputs, o->layout,
-                            o->expert_alignment, rd->ys, o->combine_weighted, want) != 0)
+      disco_layout_t *layouts = th_xmalloc((size_t)w->world * sizeof(*layouts));
+      for (int p = 0; p < w->world; p++) layouts[p] = th_layout_of(o, p);
+      if (disco_ref_combine_layouts(cfg, w->world, rank, w->inputs, layouts,
+                                    o->expert_alignment, rd->ys, o->combine_weighted,
+                                    want) != 0)
         th_fail(__FILE__, __LINE__, "rank %d: disco_ref_combine failed", rank);
+      free(layouts);
     }
     th_cmp("combine out", rank, out.ptr, want, T, H, es);
     if (o->expect_identity)

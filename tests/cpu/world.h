@@ -40,7 +40,13 @@ typedef struct th_round_opts {
   int identity_y;         /* expert outputs y = recv_x (identity experts) */
   int expect_identity;    /* also require out == x bit for bit */
   int combines;           /* combine this many times with one dispatch (>= 1) */
+  int mixed_layouts;      /* odd ranks receive RANK_MAJOR, the others `layout` */
 } th_round_opts_t;
+
+/* The receive layout of `rank` in a round. */
+static inline disco_layout_t th_layout_of(const th_round_opts_t *o, int rank) {
+  return o->mixed_layouts && (rank & 1) ? DISCO_LAYOUT_RANK_MAJOR : o->layout;
+}
 
 typedef struct th_round {
   th_world_t *w;

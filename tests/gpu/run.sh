@@ -66,8 +66,8 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
   [ $rc -ne 0 ] && fails=$((fails + 1)) && grep -m 30 FAIL "$OUT/test.log"
   if [ $rc -eq 124 ]; then note "test hung: stopping"; tail -20 "$OUT/test.log"; exit 1; fi
   # Same suite with every peer segment sent in up to 3 pipelined pieces in
-  # dispatch and combine (PIECES; by default only segments of a few MiB are
-  # cut, which the small cases never reach).
+  # dispatch and combine (PIECES; by default only segments of 32 MiB and up
+  # are cut, in two, which the test cases never reach).
   t0=$SECONDS
   env $PIECES timeout 90 "$T" --world 2 >> "$OUT/test.log" 2>&1; rc=$?
   note "test W=2 pieces: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/test.log")"

@@ -107,6 +107,18 @@ static const tcase_t cases[] = {
      INJ_DUP},
     {"host-error", 4, 4, 64, 64, BF, WF, GW_UNIFORM, 0.1, 0, 1, EM, 1, I64, 1, PLAIN,
      INJ_HOST},
+    {"mixed-layouts", 8, 8, 64, 96, BF, WD, GW_ZIPF, 0.1, 0, 1, EM, 4, I64, 1, PLAIN,
+     INJ_NONE},
+    {"mixed-layouts-reuse", 4, 3, 64, 80, F16, WF, GW_UNIFORM, 0.1, 1, 1, EM, 1, I32, 1,
+     LAYOUT, INJ_NONE},
+    {"mixed-layouts-reuse-t0", 4, 3, 64, 80, F16, WF, GW_UNIFORM, 0.1, 0, 1, EM, 1, I32,
+     1, LAYOUT, INJ_NONE},
+    {"mixed-layouts-zero-odd", 4, 3, 64, 80, F16, WF, GW_UNIFORM, 0.1, 1, 1, EM, 1, I32,
+     1, PLAIN, INJ_NONE},
+    {"layout-reuse-zero-odd", 4, 3, 64, 80, F16, WF, GW_UNIFORM, 0.1, 1, 1, EM, 1, I32, 1,
+     LAYOUT, INJ_NONE},
+    {"layout-reuse-zero-odd-rank", 4, 3, 64, 80, F16, WF, GW_UNIFORM, 0.1, 1, 1, RM, 1,
+     I32, 1, LAYOUT, INJ_NONE},
     {"big-h7168-k8", 32, 8, 7168, 256, BF, WF, GW_UNIFORM, 0.0, 0, 1, EM, 1, I64, 1,
      PLAIN, INJ_NONE},
     {"big-h7168-k8-wire-dtype", 32, 8, 7168, 256, BF, WD, GW_ZIPF, 0.0, 0, 1, EM, 16, I64,
@@ -114,6 +126,12 @@ static const tcase_t cases[] = {
     {"big-h4096-rank", 32, 6, 4096, 192, BF, WF, GW_UNIFORM, 0.0, 0, 1, RM, 1, I64, 1,
      PLAIN, INJ_NONE},
 };
+
+/* A case named "mixed..." has odd ranks receive RANK_MAJOR (ranks choose
+ * their layout per call; what crosses a link must not depend on it). */
+static disco_layout_t layout_of(const tcase_t *c, int r) {
+  return strncmp(c->name, "mixed", 5) == 0 && (r & 1) ? RM : c->layout;
+}
 
 typedef struct tctx {
   const tcase_t *c;
@@ -271,7 +289,7 @@ static void rank_body(int r, void *arg) {
     const int64_t T = x->in.T[r];
     disco_ref_output_t ref;
     memset(&ref, 0, sizeof(ref));
-    if (disco_ref_dispatch(cfg, W, r, x->in.in, c->layout, c->align, &ref) != 0)
+    if (disco_ref_dispatch(cfg, W, r, x->in.in, layout_of(c, r), c->align, &ref) != 0)
       fail(x, r, "disco_ref_dispatch failed%s %lld %lld", "", 0, 0);
     /* Upload (with injected errors on this rank's copy). */
     int64_t *idx = malloc((size_t)(T > 0 ? T : 1) * K * 8);
@@ -312,7 +330,7 @@ static void rank_body(int r, void *arg) {
       if (cap < 0) fail(x, r, "capacity case receives no rows%s %lld %lld", "", 0, 0);
       want = DISCO_ERR_CAPACITY;
     }
-    const int em = c->layout == EM;
+    const int em = layout_of(c, r) == EM;
     const int64_t mr = em ? 1 : K; /* metadata entries per row */
     disco_dispatch_args_t a = DISCO_DISPATCH_ARGS_INIT;
     a.x = inject == INJ_HOST && r == 0 ? (const void *)((const char *)d.x + 2) : d.x;
@@ -322,7 +340,7 @@ static void rank_body(int r, void *arg) {
      * each token's own rank (regression for the expert-rank flag). */
     a.topk_weights = c->weighted && T > 0 ? d.w : NULL;
     a.num_tokens = T;
-    a.layout = c->layout;
+    a.layout = layout_of(c, r);
     a.expert_alignment = c->align;
     a.stream = stream;
     a.recv_capacity = cap;
@@ -408,8 +426,10 @@ static void rank_body(int r, void *arg) {
         if (rc != DISCO_SUCCESS) fail(x, r, "combine: %s %lld %lld", msg, rc, 0);
       }
       void *exp = malloc((size_t)(T > 0 ? T : 1) * rb);
-      if (disco_ref_combine(cfg, W, r, x->in.in, c->layout, c->align, x->ys, c->cweighted,
-                            exp) != 0)
+      disco_layout_t layouts[64];
+      for (int q = 0; q < W; q++) layouts[q] = layout_of(c, q);
+      if (disco_ref_combine_layouts(cfg, W, r, x->in.in, layouts, c->align, x->ys,
+                                    c->cweighted, exp) != 0)
         fail(x, r, "disco_ref_combine failed%s %lld %lld", "", 0, 0);
       cmp(x, r, "combine out", d.out, exp, T, rb);
       /* nccl_device only (the nccl backend has no status exchange in combine):

@@ -46,6 +46,7 @@ typedef struct disco_nccl_plan {
   int64_t recv_tokens;
   int64_t num_tokens;
   int has_counts;             /* host_msg holds a successful count exchange */
+  int wide;                   /* combine partials cross as fp32 (pl.wide) */
   disco_layout_t plan_layout; /* layout/alignment the device recv plan holds */
   int plan_alignment;
 } disco_nccl_plan_t;

@@ -117,6 +117,7 @@ size_t disco_nccl_plan_carve(const disco_kparams_t *p, disco_dev_plan_t *d, char
   d->comb_w = disco_carve(base, &off, W * M * K * 4);
   d->pass_list = disco_carve(base, &off, DISCO_MAX_CHUNKS * M * 4);
   d->pass_cnt = disco_carve(base, &off, DISCO_MAX_CHUNKS * 4);
+  d->wide = disco_carve(base, &off, 4);
   return off;
 }
 
@@ -228,6 +229,7 @@ disco_result_t disco_nccl_params(const disco_comm_t *comm, int device, disco_kpa
   p->kd = K < W ? K : W;
   p->num_cols = E + W;
   p->dtype = (int)c->dtype;
+  p->wire32 = c->combine_wire == DISCO_COMBINE_WIRE_FP32 && c->dtype != DISCO_DTYPE_FP32;
   p->row_bytes = comm->row_bytes;
   p->row_vecs = (int)(comm->row_bytes / 16u);
   p->meta_ints = DISCO_ALIGN_UP(2 + 3 * K, 4);

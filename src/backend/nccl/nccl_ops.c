@@ -51,6 +51,11 @@ static void disco_take_counts(disco_nccl_plan_t *pl, const disco_kparams_t *p,
   pl->recv_tokens = pl->recv_off[W];
   pl->num_tokens = T;
   pl->has_counts = 1;
+  /* As the receive plan's pl.wide on the device (src/cuda/recv_plan.cuh). */
+  pl->wide = 0;
+  for (int s = 0; s < W; s++)
+    if (recv[(int64_t)s * p->msg_len + DISCO_MSG_LAYOUT] == DISCO_LAYOUT_EXPERT_MAJOR)
+      pl->wide = p->wire32;
 }
 
 /* Statuses of every rank, identical everywhere: the lowest failing rank. */
@@ -280,7 +285,9 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   const char *fn = layout_only ? "disco_dispatch_layout" : "disco_dispatch";
   disco_nccl_state_t *st = comm->backend_state;
   disco_nccl_plan_t *pl = handle->backend_plan;
-  const disco_kparams_t *p = &st->kp;
+  disco_kparams_t kp = st->kp;
+  kp.layout = (int)args->layout; /* announced to the peers in the count messages */
+  const disco_kparams_t *p = &kp;
   const disco_dev_plan_t *dp = &pl->dev;
   cudaStream_t stream = (cudaStream_t)args->stream;
   const int reuse = !layout_only && (args->flags & DISCO_DISPATCH_REUSE_LAYOUT);
@@ -363,9 +370,10 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
                     (long long)rows, r);
   /* Payload and metadata. Peers send regardless of our capacity, so a rank
    * that cannot take its rows still receives them, into the workspace.
-   * EXPERT_MAJOR with DISCO_NCCL_DISPATCH_CHUNKS > 1: each peer segment goes
-   * in pieces, one NCCL group each, and the side stream expands a piece while
-   * the next one is on the wire; the last piece is expanded here. */
+   * Segments of at least two pieces' bytes go in pieces (DISCO_NCCL_DISPATCH_
+   * CHUNKS, DISCO_NCCL_SPLIT_BYTES), one NCCL group each; EXPERT_MAJOR
+   * expands a piece on the side stream while the next one is on the wire,
+   * and the last piece here. */
   CK_CUDA(cudaStreamWaitEvent(stream, st->ev_pack, 0), "cudaStreamWaitEvent");
   /* RANK_MAJOR rows land straight in recv_x, unless the workspaces are
    * registered: then in ws_recv, copied after (NCCL's zero-copy path wants
@@ -373,7 +381,10 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   char *dst = rank_major && cap_rc == DISCO_SUCCESS && !st->registered
                   ? (char *)args->recv_x
                   : (char *)p->ws_recv;
-  const int dchunks = rank_major ? 1 : st->dispatch_chunks;
+  /* The cut depends on counts and comm knobs only, never on this rank's
+   * layout: ranks may receive in different layouts, and both ends of a pair
+   * must post the same pieces. RANK_MAJOR just has nothing to overlap. */
+  const int dchunks = st->dispatch_chunks;
   const int np = dchunks > 1 ? disco_used_pieces(comm, pl, dchunks) : 1;
   for (int c = 0; c < np; c++) {
     rc = disco_post_rows(comm, pl, dst, np > 1 ? c : -1, dchunks, stream, fn);
@@ -416,7 +427,7 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   tail = st->ev_aux;
   if (rank_major) {
     if (st->registered)
-      CK_CUDA(disco_k_copy_rows(p, dp, peers, p->ws_recv, args->recv_x, stream),
+      CK_CUDA(disco_k_copy_rows(p, dp, peers, p->ws_recv, args->recv_x, 0, stream),
               "copy kernel (peer rows)");
     CK_CUDA(disco_k_expand_rank(p, dp, pl->recv_tokens, args->recv_src_rank,
                                 args->recv_src_token, args->recv_expert,
@@ -453,15 +464,16 @@ disco_result_t disco_nccl_combine(disco_comm_t *comm, disco_handle_t *handle,
   cudaStream_t stream = (cudaStream_t)args->stream;
   const int r = comm->rank;
   const int rank_major = handle->layout == DISCO_LAYOUT_RANK_MAJOR;
-  const int wire32 = !rank_major &&
-                     comm->config.combine_wire == DISCO_COMBINE_WIRE_FP32 &&
-                     comm->config.dtype != DISCO_DTYPE_FP32;
+  /* fp32 partials on every rank, or dtype ones on every rank: decided from
+   * the layouts all ranks announced in this handle's dispatch (pl->wide). */
+  const int wire32 = pl->wide;
   const size_t wb = wire32 ? (size_t)comm->config.hidden * 4u : comm->row_bytes;
-  /* Partials travel from ws_recv; a RANK_MAJOR y is sent as it is, copied
-   * there first if the workspaces are registered (see dispatch). */
-  const char *part =
-      rank_major && !st->registered ? (const char *)args->y : (const char *)p->ws_recv;
-  const char *self_part = rank_major ? (const char *)args->y : part;
+  /* Partials travel from ws_recv. A RANK_MAJOR y is sent as it is, unless
+   * the partials are fp32 (widened there first, exactly) or the workspaces
+   * are registered (copied there first, see dispatch). */
+  const int via_ws = !rank_major || wire32 || st->registered;
+  const char *part = via_ws ? (const char *)p->ws_recv : (const char *)args->y;
+  const char *self_part = rank_major && !wire32 ? (const char *)args->y : part;
   const disco_rowsel_t self = {pl->n_from[r], pl->recv_off[r], INT64_MAX, 0, -1, 1, 0, 1};
   /* Weighting follows each token's own rank: rows of a rank that gave no
    * weights carry 1.0 (packed so), and 1.0f * y == y exactly. */
@@ -504,10 +516,16 @@ disco_result_t disco_nccl_combine(disco_comm_t *comm, disco_handle_t *handle,
     CK_CUDA(disco_k_combine_expert(p, &pl->dev, args->y, self, weighted, wire32, st->aux),
             "combine expert kernel (self)");
   }
-  if (rank_major && st->registered) {
-    const disco_rowsel_t peers = {
-        pl->recv_tokens - self.n, 0, self.base, self.n, -1, 1, 0, 0};
-    CK_CUDA(disco_k_copy_rows(p, &pl->dev, peers, args->y, p->ws_recv, stream),
+  if (rank_major && via_ws) { /* own rows too when they are widened */
+    const disco_rowsel_t rows = {pl->recv_tokens - (wire32 ? 0 : self.n),
+                                 0,
+                                 wire32 ? INT64_MAX : self.base,
+                                 wire32 ? 0 : self.n,
+                                 -1,
+                                 1,
+                                 0,
+                                 0};
+    CK_CUDA(disco_k_copy_rows(p, &pl->dev, rows, args->y, p->ws_recv, wire32, stream),
             "copy kernel (y)");
   }
   if (np > 1)

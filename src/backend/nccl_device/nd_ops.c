@@ -44,6 +44,7 @@ disco_result_t disco_nd_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   const int align = rank_major || args->expert_alignment < 1 ? 1 : args->expert_alignment;
   const int W = comm->world_size;
   disco_kparams_t kp = st->kp;
+  kp.layout = (int)args->layout; /* announced to the peers in the count messages */
   disco_nd_io_t io = nd_io(args, align, !layout_only, 0,
                            layout_only ? DISCO_CALL_LAYOUT : DISCO_CALL_DISPATCH);
   disco_result_t rc = disco_nd_fatal(comm);
@@ -114,9 +115,9 @@ static disco_result_t nd_combine(disco_comm_t *comm, disco_handle_t *handle,
   disco_nd_state_t *st = comm->backend_state;
   disco_nd_plan_t *pl = handle->backend_plan;
   const int rank_major = handle->layout == DISCO_LAYOUT_RANK_MAJOR;
-  const int wire32 = !rank_major &&
-                     comm->config.combine_wire == DISCO_COMBINE_WIRE_FP32 &&
-                     comm->config.dtype != DISCO_DTYPE_FP32;
+  /* The config's wire; the kernel narrows it with the handle's pl.wide (the
+   * layouts every rank announced), so all ranks' partials agree. */
+  const int wire32 = st->kp.wire32;
   disco_kparams_t kp = st->kp;
   disco_result_t rc = disco_nd_fatal(comm);
   if (rc != DISCO_SUCCESS) return rc;
