@@ -79,6 +79,10 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ]; then
   note "test W=2 registered: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/test.log")"
   [ $rc -ne 0 ] && fails=$((fails + 1)) && grep FAIL "$OUT/test.log" | head -30
   t0=$SECONDS
+  env DISCO_NCCL_REGISTER=1 $PIECES timeout 90 "$T" --world 2 >> "$OUT/test.log" 2>&1; rc=$?
+  note "test W=2 registered pieces: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/test.log")"
+  [ $rc -ne 0 ] && fails=$((fails + 1)) && grep FAIL "$OUT/test.log" | head -30
+  t0=$SECONDS
   timeout 60 "$T" --world 1 --small >> "$OUT/test.log" 2>&1; rc=$?
   note "test W=1 --small: rc=$rc ($((SECONDS - t0)) s): $(tail -1 "$OUT/test.log")"
   [ $rc -ne 0 ] && fails=$((fails + 1))

@@ -398,10 +398,10 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   /* This rank's own rows, on the side stream while NCCL moves the others. */
   const int64_t self_n = pl->n_from[r], self_off = pl->recv_off[r];
   const disco_rowsel_t self = {self_n, self_off, INT64_MAX, 0, -1, 1, 0, 1};
+  const disco_rowsel_t all_peers = {
+      pl->recv_tokens - self_n, 0, self_off, self_n, -1, 1, 0, 0};
   const disco_rowsel_t peers =
-      np > 1
-          ? disco_chunk_sel(comm, pl, np - 1, dchunks, 0)
-          : (disco_rowsel_t){pl->recv_tokens - self_n, 0, self_off, self_n, -1, 1, 0, 0};
+      np > 1 ? disco_chunk_sel(comm, pl, np - 1, dchunks, 0) : all_peers;
   CK_CUDA(cudaStreamWaitEvent(st->aux, st->ev_mid, 0), "cudaStreamWaitEvent");
   if (rank_major) {
     if (self_n > 0)
@@ -427,8 +427,8 @@ disco_result_t disco_nccl_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   tail = st->ev_aux;
   if (rank_major) {
     if (st->registered)
-      CK_CUDA(disco_k_copy_rows(p, dp, peers, p->ws_recv, args->recv_x, 0, stream),
-              "copy kernel (peer rows)");
+      CK_CUDA(disco_k_copy_rows(p, dp, all_peers, p->ws_recv, args->recv_x, 0, stream),
+              "copy kernel (peer rows)"); /* every piece: all landed by now */
     CK_CUDA(disco_k_expand_rank(p, dp, pl->recv_tokens, args->recv_src_rank,
                                 args->recv_src_token, args->recv_expert,
                                 args->recv_weight, stream),
