@@ -134,9 +134,9 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     const int warp = !(nd.tune & DISCO_ND_TUNE_BLOCK_EXPAND) &&
                      (R >= (long long)nb * (DISCO_ND_THREADS / 32) ||
                       (nd.tune & DISCO_ND_TUNE_FORCE_WARP));
-    nd_expand_range(p, nd, pl, x, 0, R, nb, warp, &nd.ctr[DISCO_ND_CTR_EXPAND],
-                    nd.expand_items, rank_major, recv_x, src_rank, src_token, expert,
-                    weight);
+    nd_expand_range<false>(p, nd, pl, x, 0, R, nb, warp, &nd.ctr[DISCO_ND_CTR_EXPAND],
+                           nd.expand_items, rank_major, recv_x, src_rank, src_token,
+                           expert, weight);
     if (!rank_major && align > 1)
       nd_pad_rows(p, pl, b, nb, recv_x, src_rank, src_token, expert, weight);
   }

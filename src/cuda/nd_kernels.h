@@ -120,6 +120,10 @@ typedef struct disco_nd_params {
 #define DISCO_ND_TUNE_NO_GROUP 256   /* pipelined senders: one token per ticket */
 #define DISCO_ND_TUNE_NO_VBATCH 512  /* combine: one-row folds as the general */
 #define DISCO_ND_TUNE_NO_JOIN 1024   /* pipelined senders exit instead of expanding */
+/* A row's loads after the metadata's chain of loads (the code before run
+ * 51): 2048 in the pipelined kernel's expand, 4096 in its senders */
+#define DISCO_ND_TUNE_NO_PREFETCH 2048
+#define DISCO_ND_TUNE_NO_PREFETCH_PIPE 4096
 
 /* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c);
  * kinds: dispatch, combine, pipelined dispatch, pipelined combine. */

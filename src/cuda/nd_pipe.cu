@@ -30,15 +30,25 @@ static __device__ void nd_send_one(const disco_kparams_t &p, const disco_nd_para
   const int *bb = pl.blk_base + (long long)(t / C) * nc;
   const int row = bb[p.num_experts + d] + pl.tok_dpos[(long long)t * p.kd + k];
   if (row < lo || row >= hi) return; /* another part's row */
+  /* The row's loads before the metadata's chain of loads (see nd_expand_expert) */
+  const int cp = d != r || rank_major;
+  const int pre = cp && !(nd.tune & DISCO_ND_TUNE_NO_PREFETCH_PIPE) &&
+                  nv <= ND_UNROLL * DISCO_ND_THREADS;
+  uint4 a[ND_UNROLL];
+  if (pre)
+    nd_pre_load<false, DISCO_ND_THREADS>(a, x + (long long)t * nv, 0, nv, threadIdx.x);
   if (threadIdx.x < 32) {
     int *meta =
         (int *)(nd.peer[d] + nd.off_meta) + ((long long)r * M + row) * p.meta_ints;
     disco_meta_row(p, pl, bb, w, t, d, threadIdx.x, meta);
     if (threadIdx.x == 0) pl.tok_row[(long long)t * p.kd + k] = row;
   }
-  if (d == r && !rank_major) return;
+  if (!cp) return;
   uint4 *dst = (uint4 *)(nd.peer[d] + nd.off_rows) + ((long long)r * M + row) * nv;
-  nd_copy<false>(&dst, 1, x + (long long)t * nv, 0, nv);
+  if (pre)
+    nd_pre_store<DISCO_ND_THREADS>(&dst, 1, a, 0, nv, threadIdx.x);
+  else
+    nd_copy<false>(&dst, 1, x + (long long)t * nv, 0, nv);
 }
 
 /* Slot k of token t that goes to destination d, or -1. */
@@ -276,9 +286,9 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     const int warp = !(nd.tune & DISCO_ND_TUNE_BLOCK_EXPAND) &&
                      (n >= (long long)nx * (DISCO_ND_THREADS / 32) ||
                       (nd.tune & DISCO_ND_TUNE_FORCE_WARP));
-    nd_expand_range(p, nd, pl, x, first + lo, n, nx, warp,
-                    &nd.ctr[DISCO_ND_CTR_SRC(W, q, h)], 4, rank_major, recv_x, src_rank,
-                    src_token, expert, weight);
+    nd_expand_range<true>(p, nd, pl, x, first + lo, n, nx, warp,
+                          &nd.ctr[DISCO_ND_CTR_SRC(W, q, h)], 4, rank_major, recv_x,
+                          src_rank, src_token, expert, weight);
   }
   if (go && !rank_major && align > 1 && b < nx)
     nd_pad_rows(p, pl, b, nx, recv_x, src_rank, src_token, expert, weight);

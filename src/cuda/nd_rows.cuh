@@ -93,7 +93,7 @@ static __device__ void nd_send_token(const disco_kparams_t &p,
 
 /* Received token i (EXPERT_MAJOR) into its expert rows, with metadata and
  * combine's per-row lists, by S threads (tid: a block, or a warp's lane). */
-template <int S>
+template <int S, bool PRE>
 __device__ void nd_expand_expert(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                  const disco_dev_plan_t &pl, const uint4 *x, long long i,
                                  uint4 *recv_x, int *src_rank, int *src_token,
@@ -103,6 +103,15 @@ __device__ void nd_expand_expert(const disco_kparams_t &p, const disco_nd_params
   const int s = disco_source(pl, p.world, i);
   const long long slot = (long long)s * p.max_tokens + (i - pl.recv_off[s]);
   const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
+  /* PRE: a peer's row's loads first, before the chain metadata -> srcbase
+   * that finds where it goes (run 51, with the pipelined senders' prefetch,
+   * nd_pipe.cu: 4096 tokens K 8 -4.5 us, 1024 K 8 -2 us; the small kernel
+   * gained nothing measurable and spilled more, so it keeps PRE false). */
+  const uint4 *srow = (const uint4 *)(nd.local + nd.off_rows) + slot * nv;
+  const int pre = PRE && !(nd.tune & DISCO_ND_TUNE_NO_PREFETCH) && s != p.rank &&
+                  hi - lo <= ND_UNROLL * S;
+  uint4 a[ND_UNROLL];
+  if (pre) nd_pre_load<true, S>(a, srow, lo, hi, tid);
   const int t = __ldcg(meta), n = __ldcg(meta + 1);
   const int64_t *sb = pl.srcbase + (long long)s * L;
   if (first && tid < 32)
@@ -117,9 +126,10 @@ __device__ void nd_expand_expert(const disco_kparams_t &p, const disco_nd_params
                             nv;
     if (s == p.rank)
       nd_copy_s<false, S>(dst, nn, x + (long long)t * nv, lo, hi, tid);
+    else if (pre)
+      nd_pre_store<S>(dst, nn, a, lo, hi, tid);
     else
-      nd_copy_s<true, S>(dst, nn, (const uint4 *)(nd.local + nd.off_rows) + slot * nv, lo,
-                         hi, tid);
+      nd_copy_s<true, S>(dst, nn, srow, lo, hi, tid);
   }
 }
 
@@ -171,13 +181,13 @@ static __device__ void nd_pad_rows(const disco_kparams_t &p, const disco_dev_pla
  * sharing them through *ctr: a warp per row when `warp`, else the block per
  * piece of a row (about `items` pieces per block, so that n rows keep nb
  * blocks busy). */
-static __device__ void nd_expand_range(const disco_kparams_t &p,
-                                       const disco_nd_params_t &nd,
-                                       const disco_dev_plan_t &pl, const uint4 *x,
-                                       long long first, long long n, int nb, int warp,
-                                       unsigned long long *ctr, int items, int rank_major,
-                                       uint4 *recv_x, int *src_rank, int *src_token,
-                                       int *expert, float *weight) {
+template <bool PRE>
+__device__ void nd_expand_range(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                                const disco_dev_plan_t &pl, const uint4 *x,
+                                long long first, long long n, int nb, int warp,
+                                unsigned long long *ctr, int items, int rank_major,
+                                uint4 *recv_x, int *src_rank, int *src_token, int *expert,
+                                float *weight) {
   const int nv = p.row_vecs;
   if (warp) {
     const int lane = threadIdx.x & 31, P = nd.warp_pieces;
@@ -190,8 +200,8 @@ static __device__ void nd_expand_range(const disco_kparams_t &p,
         nd_expand_rank<32>(p, nd, pl, first + it / P, recv_x, src_rank, src_token, expert,
                            weight, lo, hi, it % P == 0, lane);
       else
-        nd_expand_expert<32>(p, nd, pl, x, first + it / P, recv_x, src_rank, src_token,
-                             expert, weight, lo, hi, it % P == 0, lane);
+        nd_expand_expert<32, PRE>(p, nd, pl, x, first + it / P, recv_x, src_rank,
+                                  src_token, expert, weight, lo, hi, it % P == 0, lane);
     }
     return;
   }
@@ -204,8 +214,8 @@ static __device__ void nd_expand_range(const disco_kparams_t &p,
       nd_expand_rank<S>(p, nd, pl, first + it / P, recv_x, src_rank, src_token, expert,
                         weight, lo, hi, it % P == 0, threadIdx.x);
     else
-      nd_expand_expert<S>(p, nd, pl, x, first + it / P, recv_x, src_rank, src_token,
-                          expert, weight, lo, hi, it % P == 0, threadIdx.x);
+      nd_expand_expert<S, PRE>(p, nd, pl, x, first + it / P, recv_x, src_rank, src_token,
+                               expert, weight, lo, hi, it % P == 0, threadIdx.x);
   }
 }
 

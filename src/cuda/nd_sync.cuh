@@ -216,6 +216,32 @@ __device__ __forceinline__ void nd_copy_s(uint4 *const *dst, int nd, const uint4
   }
 }
 
+/* The same split in two, for a piece of at most ND_UNROLL * S vectors (one
+ * pass): nd_pre_load issues the loads, nd_pre_store stores them once the
+ * destinations are known, so that the loads' latency overlaps the dependent
+ * loads that find the destinations (metadata, layout) instead of following
+ * them. */
+template <bool CG, int S>
+__device__ __forceinline__ void nd_pre_load(uint4 *a, const uint4 *src, int lo, int hi,
+                                            int tid) {
+#pragma unroll
+  for (int u = 0; u < ND_UNROLL; u++) {
+    const int v = lo + tid + u * S;
+    if (v < hi) a[u] = CG ? __ldcg(src + v) : __ldg(src + v);
+  }
+}
+
+template <int S>
+__device__ __forceinline__ void nd_pre_store(uint4 *const *dst, int nd, const uint4 *a,
+                                             int lo, int hi, int tid) {
+#pragma unroll
+  for (int u = 0; u < ND_UNROLL; u++) {
+    const int v = lo + tid + u * S;
+    if (v < hi)
+      for (int k = 0; k < nd; k++) dst[k][v] = a[u];
+  }
+}
+
 /* The same by the whole block. */
 template <bool CG>
 __device__ __forceinline__ void nd_copy(uint4 *const *dst, int nd, const uint4 *src,

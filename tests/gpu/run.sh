@@ -7,7 +7,8 @@
 # backends side by side. Logs go to $OUT (at most 8 files).
 # usage: tests/gpu/run.sh [all|test|nd|python|bench]   (env: OUT, BUILD, JOBS,
 #        QUICK=1: no sanitizer runs in nd)
-# (nd: only the nccl_device part of `test`)
+# (nd: only the nccl_device part of `test`, with memcheck and racecheck of
+# the plain and pipelined kernels)
 set -u -o pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-/tmp/disco-gpu-out}
@@ -175,6 +176,9 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
     step "nccl_device racecheck W=2 --small basic" "$OUT/memcheck.log" 200 env DISCO_TEST_BACKEND=nccl_device \
       compute-sanitizer --tool racecheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small \
       --filter basic
+    step "nccl_device racecheck W=2 --small basic pipelined" "$OUT/memcheck.log" 200 env \
+      DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=1 compute-sanitizer --tool racecheck \
+      --report-api-errors no --error-exitcode 3 "$T" --world 2 --small --filter basic
     step "nccl_device memcheck W=2 --small pipelined combine" "$OUT/memcheck.log" 150 env \
       DISCO_TEST_BACKEND=nccl_device DISCO_ND_CPIPE_MIN_TOKENS=1 DISCO_ND_CHUNK_ROWS=64 \
       compute-sanitizer --tool memcheck \
