@@ -28,6 +28,7 @@ extern "C" unsigned long long disco_nd_window_layout(const disco_kparams_t *p,
   ND_CARVE(off_rows, W * M * (u64)p->row_bytes, 256u);
   ND_CARVE(off_part, W * M * (u64)part_vecs * 16u, 256u);
   ND_CARVE(off_cch, W * (u64)DISCO_ND_CHUNKS(M) * 8u, 256u);
+  ND_CARVE(off_dch, W * (u64)DISCO_ND_CHUNKS(M) * 8u, 256u);
 #undef ND_CARVE
   nd->part_vecs = part_vecs;
   const u64 gran = 2ull << 20; /* whole pages of the symmetric mapping */
@@ -136,7 +137,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                       (nd.tune & DISCO_ND_TUNE_FORCE_WARP));
     nd_expand_range<false>(p, nd, pl, x, 0, R, nb, warp, &nd.ctr[DISCO_ND_CTR_EXPAND],
                            nd.expand_items, rank_major, recv_x, src_rank, src_token,
-                           expert, weight);
+                           expert, weight, NULL);
     if (!rank_major && align > 1)
       nd_pad_rows(p, pl, b, nb, recv_x, src_rank, src_token, expert, weight);
   }

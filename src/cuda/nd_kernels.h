@@ -42,6 +42,9 @@ enum {
  * says that rows [g * CH, (g + 1) * CH) from q are in, so the owner can fold
  * those tokens while the rest is still in flight (the pipelined combine).
  * Flags and counters are laid out for the smallest CH. */
+/* The pipelined dispatch does the same for its rows (off_dch [q][g]: rows
+ * [g * CH, (g + 1) * CH) from source q are in, CH = nd.dch_rows), so that the
+ * receiver expands a source's rows as they land, not after the last one. */
 #define DISCO_ND_CHUNK_MIN 64
 #define DISCO_ND_CHUNKS(M) (((M) + DISCO_ND_CHUNK_MIN - 1) / DISCO_ND_CHUNK_MIN)
 /* Phases named by a TIMEOUT record (DISCO_LATCH_A). */
@@ -58,7 +61,7 @@ enum {
 typedef struct disco_nd_params {
   char *const *peer; /* device [W]: every rank's window base as mapped here */
   char *local;       /* this rank's window base */
-  unsigned long long off_flags, off_cnt, off_meta, off_rows, off_part, off_cch;
+  unsigned long long off_flags, off_cnt, off_meta, off_rows, off_part, off_cch, off_dch;
   int part_vecs;           /* 16-byte vectors of one combine partial row */
   unsigned long long *seq; /* device [2]: last finished dispatch, combine */
   unsigned *done;          /* device [4]: blocks done per phase, 0 between calls */
@@ -76,23 +79,27 @@ typedef struct disco_nd_params {
   unsigned long long *hfatal; /* mapped host record of the fatal error */
   unsigned long long timeout_ns;
   unsigned long long *trace; /* device [KINDS][CALLS][SLOTS] phase times, NULL: off */
-  int tune;         /* DISCO_ND_TUNE bits (A/B of kernel variants), 0: the defaults */
-  int pipe_min;     /* tokens from which dispatch pipelines (nd_pipe.cu) */
-  int expand_pct;   /* share of the pipelined dispatch's blocks that expand (0: auto) */
-  int expand_items; /* small dispatch, block-mode expand: row pieces per block */
-  int dparts;       /* parts of a destination's rows in the pipelined dispatch */
-  int cpipe_min;    /* tokens from which the combine's token side pipelines;
-                       chunk flags go out from W * cpipe_min / 2 received rows */
-  int ctoken_pct;   /* share of the pipelined combine's blocks that start on
-                       the token side (the others join after the expert side) */
-  int cch_rows;     /* rows per chunk flag, >= DISCO_ND_CHUNK_MIN */
-  unsigned *cdone;  /* device [W][DISCO_ND_CHUNKS(M)]: chunk pieces stored, 0
-                       between calls */
-  size_t fuse_smem; /* layout smem the dispatch kernel's occupancy allows */
-  int warp_pieces;  /* warp-mode expand: pieces per row */
-  int sms;          /* SMs a launch may use */
-  int csend_pmax;   /* combine's expert side: most pieces per row (0: no cap) */
-  int small_blocks; /* most blocks of the plain dispatch kernel for few rows */
+  int tune;          /* DISCO_ND_TUNE bits (A/B of kernel variants), 0: the defaults */
+  int pipe_min;      /* tokens from which dispatch pipelines (nd_pipe.cu) */
+  int expand_pct;    /* share of the pipelined dispatch's blocks that expand (0: auto) */
+  int expand_items;  /* small dispatch, block-mode expand: row pieces per block */
+  int dparts;        /* parts of a destination's rows in the pipelined dispatch */
+  int cpipe_min;     /* tokens from which the combine's token side pipelines;
+                        chunk flags go out from W * cpipe_min / 2 received rows */
+  int ctoken_pct;    /* share of the pipelined combine's blocks that start on
+                        the token side (the others join after the expert side) */
+  int cch_rows;      /* rows per chunk flag, >= DISCO_ND_CHUNK_MIN */
+  unsigned *cdone;   /* device [W][DISCO_ND_CHUNKS(M)]: chunk pieces stored, 0
+                        between calls */
+  int dch_rows;      /* pipelined dispatch: rows per chunk flag (0: none) */
+  long long dch_min; /* ... for a source's rows of at least this many bytes */
+  unsigned *ddone;   /* device [W][DISCO_ND_CHUNKS(M)]: dispatch rows stored per
+                        destination and chunk, 0 between calls */
+  size_t fuse_smem;  /* layout smem the dispatch kernel's occupancy allows */
+  int warp_pieces;   /* warp-mode expand: pieces per row */
+  int sms;           /* SMs a launch may use */
+  int csend_pmax;    /* combine's expert side: most pieces per row (0: no cap) */
+  int small_blocks;  /* most blocks of the plain dispatch kernel for few rows */
 } disco_nd_params_t;
 
 /* Work counters (dynamic sharing of a phase's items). */

@@ -21,15 +21,15 @@
 /* Token t's row (unless it is our own token in EXPERT_MAJOR: the expand reads
  * x) and metadata for its k-th destination d, if the row at d is in [lo, hi)
  * (block-wide). */
-static __device__ void nd_send_one(const disco_kparams_t &p, const disco_nd_params_t &nd,
-                                   const disco_dev_plan_t &pl, const uint4 *x,
-                                   const float *w, int t, int k, int d, int rank_major,
-                                   long long lo, long long hi) {
+static __device__ int nd_send_one(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                                  const disco_dev_plan_t &pl, const uint4 *x,
+                                  const float *w, int t, int k, int d, int rank_major,
+                                  long long lo, long long hi) {
   const int r = p.rank, nc = p.num_cols, C = 32 * p.layout_warps, nv = p.row_vecs;
   const long long M = p.max_tokens;
   const int *bb = pl.blk_base + (long long)(t / C) * nc;
   const int row = bb[p.num_experts + d] + pl.tok_dpos[(long long)t * p.kd + k];
-  if (row < lo || row >= hi) return; /* another part's row */
+  if (row < lo || row >= hi) return -1; /* another part's row */
   /* The row's loads before the metadata's chain of loads (see nd_expand_expert) */
   const int cp = d != r || rank_major;
   const int pre = cp && !(nd.tune & DISCO_ND_TUNE_NO_PREFETCH_PIPE) &&
@@ -43,12 +43,37 @@ static __device__ void nd_send_one(const disco_kparams_t &p, const disco_nd_para
     disco_meta_row(p, pl, bb, w, t, d, threadIdx.x, meta);
     if (threadIdx.x == 0) pl.tok_row[(long long)t * p.kd + k] = row;
   }
-  if (!cp) return;
+  if (!cp) return row;
   uint4 *dst = (uint4 *)(nd.peer[d] + nd.off_rows) + ((long long)r * M + row) * nv;
   if (pre)
     nd_pre_store<DISCO_ND_THREADS>(&dst, 1, a, 0, nv, threadIdx.x);
   else
     nd_copy<false>(&dst, 1, x + (long long)t * nv, 0, nv);
+  return row;
+}
+
+/* Chunk flags of the rows to destination d (nd.dch_rows > 0): a sender block
+ * counts the rows it stored while they stay in one chunk g (its tickets come
+ * in increasing order, so it crosses each chunk once) and, when it moves on,
+ * fences once and adds them to the chunk's counter; the block that completes
+ * the chunk flags it at d ([r][g] in d's off_dch, seq << 8). As in the
+ * combine (nd_combine.cu), a fence per row would stall the block. Block-wide
+ * call; n: rows of chunk g, 0: nothing pending. */
+static __device__ void nd_dch_flush(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                                    const disco_dev_plan_t &pl, int d, long long g,
+                                    unsigned n, u64 s) {
+  if (n == 0u) return; /* uniform: every thread counts alike */
+  __syncthreads();     /* the block's stores are issued */
+  if (threadIdx.x != 0) return;
+  const long long CH = nd.dch_rows, nch = DISCO_ND_CHUNKS(p.max_tokens);
+  const long long left = pl.msg[(long long)d * p.msg_len + DISCO_MSG_TOKENS] - g * CH;
+  const unsigned want = (unsigned)(left < CH ? left : CH);
+  unsigned *cnt = nd.ddone + (long long)d * nch + g;
+  __threadfence_system();
+  if (atomicAdd(cnt, n) + n != want) return;
+  __threadfence_system();
+  *cnt = 0u; /* nobody counts this chunk again in this call */
+  nd_st_release((u64 *)(nd.peer[d] + nd.off_dch) + (long long)p.rank * nch + g, s << 8);
 }
 
 /* Slot k of token t that goes to destination d, or -1. */
@@ -207,6 +232,16 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
       if (step != 0 && H > 1) nd_part_span(p, pl, T, d, h, H, &lo, &hi, &t0, &t1);
       const int S = DISCO_ND_THREADS, G = nd_group(p, pl, nd.tune, T, d, ns);
       const long long ng = (t1 - t0 + G - 1) / G; /* tickets of G tokens */
+      /* chunk flags to d: on the last step only (its rows are the receiver's
+       * last source; the earlier ones land while the expand is busy, and
+       * the fences cost the senders ~30 us over all steps at 4096 K 8), and
+       * only for many bytes (run 54: 4096 K 8 -14 us, 14 MB per peer +1-4) */
+      const int dch =
+          nd.dch_rows > 0 && H == 1 && step == W - 1 &&
+          pl.msg[(long long)d * p.msg_len + DISCO_MSG_TOKENS] * (long long)p.row_bytes >=
+              nd.dch_min;
+      long long pg = -1; /* pending chunk, */
+      unsigned pn = 0u;  /* its rows (uniform) */
       __shared__ int ks[32];
       __shared__ unsigned km;
       for (long long g = st == 0 ? nd_share<S>(nd_ask<S>(c)) : ng, a; g < ng;
@@ -222,9 +257,19 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
         __syncthreads();
         for (unsigned m = km; m != 0u; m &= m - 1u) {
           const int j = __ffs(m) - 1;
-          nd_send_one(p, nd, pl, x, w, (int)(ta + j), ks[j], d, rank_major, lo, hi);
+          const int row =
+              nd_send_one(p, nd, pl, x, w, (int)(ta + j), ks[j], d, rank_major, lo, hi);
+          if (dch && row >= 0) {
+            if (row / nd.dch_rows != pg) {
+              nd_dch_flush(p, nd, pl, d, pg, pn, s);
+              pg = row / nd.dch_rows;
+              pn = 0u;
+            }
+            pn++;
+          }
         }
       }
+      if (dch) nd_dch_flush(p, nd, pl, d, pg, pn, s);
       if (nd_last_of(&nd.step[h * W + step], (unsigned)ns)) {
         *c = 0ull;
         if (d == r)
@@ -267,7 +312,12 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     const int h = e == 0 ? 0 : (e - 1) / (W - 1);
     const int q = e == 0 ? r : (r - 1 - (e - 1) % (W - 1) + W) % W;
     if (tr && e == 1) nd_trace(nd, 2, s, 3); /* own rows expanded */
-    if (threadIdx.x == 0) {
+    /* a peer's rows in chunks: the expand waits for each chunk's flag (or
+     * the source's DFLAG) as it reaches it, not for the DFLAG first */
+    const int chunked =
+        go && e == n_e - 1 && e != 0 && H == 1 && nd.dch_rows > 0 &&
+        (pl.recv_off[q + 1] - pl.recv_off[q]) * (long long)p.row_bytes >= nd.dch_min;
+    if (threadIdx.x == 0 && !chunked) {
       u64 v;
       const u64 *fin = nd_flag(nd, nd.local, W, DISCO_ND_DFLAG, q);
       ok = e == 0 ? nd_wait_block0(nd, &nd.sent[0], s)
@@ -286,10 +336,13 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     const int warp = !(nd.tune & DISCO_ND_TUNE_BLOCK_EXPAND) &&
                      (n >= (long long)nx * (DISCO_ND_THREADS / 32) ||
                       (nd.tune & DISCO_ND_TUNE_FORCE_WARP));
+    const nd_chunks cw = {q, first, s, call};
     nd_expand_range<true>(p, nd, pl, x, first + lo, n, nx, warp,
                           &nd.ctr[DISCO_ND_CTR_SRC(W, q, h)], 4, rank_major, recv_x,
-                          src_rank, src_token, expert, weight);
+                          src_rank, src_token, expert, weight, chunked ? &cw : NULL);
   }
+  /* a chunk wait that timed out stopped its worker: no pads, no acks */
+  if (!nd_block_all(!nd_dead(nd))) return;
   if (go && !rank_major && align > 1 && b < nx)
     nd_pad_rows(p, pl, b, nx, recv_x, src_rank, src_token, expert, weight);
   if (tr) nd_trace(nd, 2, s, 5);

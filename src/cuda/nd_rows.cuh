@@ -177,24 +177,55 @@ static __device__ void nd_pad_rows(const disco_kparams_t &p, const disco_dev_pla
   }
 }
 
+/* Source q's rows arrive in chunks (pipelined dispatch, nd.dch_rows): its
+ * first received row, and the call's seq and id for the waits. */
+struct nd_chunks {
+  int q;
+  long long base;
+  u64 s, call;
+};
+
+/* Worker leader (one thread): waits until received row i's chunk of source
+ * cw.q is in (its chunk flag, or the source's DFLAG for all its rows). */
+__device__ __forceinline__ int nd_chunk_in(const disco_kparams_t &p,
+                                           const disco_nd_params_t &nd,
+                                           const nd_chunks &cw, long long g) {
+  const long long nch = DISCO_ND_CHUNKS(p.max_tokens);
+  return nd_wait_either(p, nd, (const u64 *)(nd.local + nd.off_dch) + cw.q * nch + g,
+                        nd_flag(nd, nd.local, p.world, DISCO_ND_DFLAG, cw.q), 0, cw.s,
+                        cw.q, DISCO_ND_PHASE_DFLAG, cw.call);
+}
+
 /* Expands received rows [first, first + n) (one source's, or all), workers
  * sharing them through *ctr: a warp per row when `warp`, else the block per
  * piece of a row (about `items` pieces per block, so that n rows keep nb
- * blocks busy). */
+ * blocks busy). cw (or NULL: all rows are in): each worker waits for a
+ * row's chunk before it reads the row (items come in increasing order, so it
+ * remembers the last chunk it saw in); a wait that times out stops it (the
+ * comm is then dead: the caller checks). */
 template <bool PRE>
 __device__ void nd_expand_range(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                 const disco_dev_plan_t &pl, const uint4 *x,
                                 long long first, long long n, int nb, int warp,
                                 unsigned long long *ctr, int items, int rank_major,
                                 uint4 *recv_x, int *src_rank, int *src_token, int *expert,
-                                float *weight) {
+                                float *weight, const nd_chunks *cw) {
   const int nv = p.row_vecs;
+  long long rdy = -1; /* chunks up to this one are in */
   if (warp) {
     const int lane = threadIdx.x & 31, P = nd.warp_pieces;
     for (long long it = nd_share<32>(nd_ask<32>(ctr)), a; it < n * P;
          it = nd_share<32>(a)) {
       int lo, hi;
       a = nd_ask<32>(ctr);
+      if (cw != NULL && (first + it / P - cw->base) / nd.dch_rows > rdy) {
+        const long long g = (first + it / P - cw->base) / nd.dch_rows;
+        int ok = lane == 0 ? nd_chunk_in(p, nd, *cw, g) : 1;
+        ok = __shfl_sync(0xffffffffu, ok, 0);
+        __syncwarp(); /* what lane 0 acquired is read by every lane */
+        if (!ok) break;
+        rdy = g;
+      }
       nd_piece(nv, P, (int)(it % P), &lo, &hi);
       if (rank_major)
         nd_expand_rank<32>(p, nd, pl, first + it / P, recv_x, src_rank, src_token, expert,
@@ -209,6 +240,11 @@ __device__ void nd_expand_range(const disco_kparams_t &p, const disco_nd_params_
   for (long long it = nd_share<S>(nd_ask<S>(ctr)), a; it < n * P; it = nd_share<S>(a)) {
     int lo, hi;
     a = nd_ask<S>(ctr);
+    if (cw != NULL && (first + it / P - cw->base) / nd.dch_rows > rdy) {
+      const long long g = (first + it / P - cw->base) / nd.dch_rows;
+      if (!nd_block_all(threadIdx.x == 0 ? nd_chunk_in(p, nd, *cw, g) : 1)) break;
+      rdy = g;
+    }
     nd_piece(nv, P, (int)(it % P), &lo, &hi);
     if (rank_major)
       nd_expand_rank<S>(p, nd, pl, first + it / P, recv_x, src_rank, src_token, expert,

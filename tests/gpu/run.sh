@@ -131,6 +131,11 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
   # with the plain one (ranks with fewer tokens than the threshold).
   step "nccl_device test W=$NGPU pipelined" "$OUT/test.log" 90 env DISCO_TEST_BACKEND=nccl_device \
     DISCO_ND_PIPE_MIN_TOKENS=1 "$T" --world "$NGPU"
+  # Chunk flags of the pipelined dispatch at their smallest (64 rows: many
+  # per source), so the expand waits chunk by chunk.
+  step "nccl_device test W=$NGPU pipelined, dispatch chunks of 64 rows" "$OUT/test.log" 90 env \
+    DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=1 DISCO_ND_DCHUNK_ROWS=64 \
+    DISCO_ND_DCHUNK_MIN_KB=0 "$T" --world "$NGPU"
   step "nccl_device test W=$NGPU pipelined from 40 tokens" "$OUT/test.log" 90 env \
     DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=40 "$T" --world "$NGPU"
   step "nccl_device test W=$NGPU pipelined in 3 parts, mixed with plain" "$OUT/test.log" 90 env \
@@ -171,13 +176,15 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
     step "nccl_device memcheck W=2 --small" "$OUT/memcheck.log" 150 env DISCO_TEST_BACKEND=nccl_device \
       compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small
     step "nccl_device memcheck W=2 --small pipelined" "$OUT/memcheck.log" 150 env \
-      DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=1 compute-sanitizer --tool memcheck \
+      DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=1 DISCO_ND_DCHUNK_ROWS=64 \
+      DISCO_ND_DCHUNK_MIN_KB=0 compute-sanitizer --tool memcheck \
       --report-api-errors no --error-exitcode 3 "$T" --world 2 --small
     step "nccl_device racecheck W=2 --small basic" "$OUT/memcheck.log" 200 env DISCO_TEST_BACKEND=nccl_device \
       compute-sanitizer --tool racecheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small \
       --filter basic
     step "nccl_device racecheck W=2 --small basic pipelined" "$OUT/memcheck.log" 200 env \
-      DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=1 compute-sanitizer --tool racecheck \
+      DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=1 DISCO_ND_DCHUNK_ROWS=64 \
+      DISCO_ND_DCHUNK_MIN_KB=0 compute-sanitizer --tool racecheck \
       --report-api-errors no --error-exitcode 3 "$T" --world 2 --small --filter basic
     step "nccl_device memcheck W=2 --small pipelined combine" "$OUT/memcheck.log" 150 env \
       DISCO_TEST_BACKEND=nccl_device DISCO_ND_CPIPE_MIN_TOKENS=1 DISCO_ND_CHUNK_ROWS=64 \

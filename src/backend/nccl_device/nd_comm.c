@@ -31,6 +31,11 @@
 #define ND_CPIPE_MIN_TOKENS 2048
 #define ND_CTOKEN_PCT 25
 #define ND_CHUNK_ROWS 512
+/* Pipelined dispatch: rows per chunk flag (0: none), sent for a source's
+ * rows of at least this many KiB (run 54, 4x H200: 4096 tokens K 8, 52 MB
+ * per peer, 593 -> 579 us; 13-15 MB per peer lost 1-4 us) */
+#define ND_DCHUNK_ROWS 512
+#define ND_DCHUNK_MIN_KB (32 * 1024)
 /* Warp-mode expand (many rows from one source): pieces per row. 4 took 4096
  * tokens K 8 from 599 to 592 us with 35% expanders but lost to whole rows
  * with 25% (599 against 585: the expand re-reads each row's metadata per
@@ -340,8 +345,10 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
       ND_SMALL_PEER_OFF + (size_t)W * sizeof(char *) + (size_t)DISCO_ND_STEPS(W) * 4u,
       8u);
   const size_t cdone_off = ctr_off + (size_t)DISCO_ND_CTRS(W) * 8u;
-  const size_t small =
+  const size_t ddone_off =
       cdone_off + (size_t)W * (size_t)DISCO_ND_CHUNKS((size_t)c->max_tokens) * 4u;
+  const size_t small =
+      ddone_off + (size_t)W * (size_t)DISCO_ND_CHUNKS((size_t)c->max_tokens) * 4u;
   rc = disco_nccl_cuda(cudaMalloc(&st->small, small), fn, "cudaMalloc", r);
   if (rc == DISCO_SUCCESS)
     rc = disco_nccl_cuda(cudaMemset(st->small, 0, small), fn, "cudaMemset", r);
@@ -372,6 +379,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.step = (unsigned *)(sm + ND_SMALL_PEER_OFF + (size_t)W * sizeof(char *));
   st->nd.ctr = (unsigned long long *)(sm + ctr_off);
   st->nd.cdone = (unsigned *)(sm + cdone_off);
+  st->nd.ddone = (unsigned *)(sm + ddone_off);
   st->nd.hfatal = st->drec + DISCO_LATCH_WORDS;
   st->nd.timeout_ns = (unsigned long long)comm->timeout_ms * 1000000ull;
   /* Test hook: rank 0's kernels store what they send to themselves this many
@@ -391,6 +399,11 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.ctoken_pct = nd_env_int("DISCO_ND_CTOKEN_PCT", ND_CTOKEN_PCT, 0);
   if (st->nd.ctoken_pct > 99) st->nd.ctoken_pct = 99;
   st->nd.cch_rows = nd_env_int("DISCO_ND_CHUNK_ROWS", ND_CHUNK_ROWS, DISCO_ND_CHUNK_MIN);
+  st->nd.dch_rows = nd_env_int("DISCO_ND_DCHUNK_ROWS", ND_DCHUNK_ROWS, 0);
+  if (st->nd.dch_rows > 0 && st->nd.dch_rows < DISCO_ND_CHUNK_MIN)
+    st->nd.dch_rows = DISCO_ND_CHUNK_MIN;
+  st->nd.dch_min =
+      (long long)nd_env_int("DISCO_ND_DCHUNK_MIN_KB", ND_DCHUNK_MIN_KB, 0) * 1024;
   st->nd.warp_pieces = nd_env_int("DISCO_ND_WARP_PIECES", ND_WARP_PIECES, 1);
   if (st->nd.warp_pieces > 8) st->nd.warp_pieces = 8;
   st->nd.sms = sms;
@@ -436,7 +449,8 @@ static disco_result_t nd_make(disco_comm_t *comm, ncclComm_t nccl, int device,
   }
   disco_result_t rc = nd_setup(comm, fn);
   /* Senders and receivers must cut rows the same way: these two must agree. */
-  *extra = (int64_t)st->nd.cch_rows << 3 | (int64_t)st->nd.dparts;
+  *extra = (int64_t)st->nd.dch_rows << 32 | (int64_t)st->nd.cch_rows << 3 |
+           (int64_t)st->nd.dparts;
   return rc;
 }
 
@@ -451,6 +465,7 @@ disco_result_t disco_comm_create_nccl_device(ncclComm_t nccl_comm,
   disco_result_t rc = disco_nccl_create(
       nccl_comm, config, fn,
       "num_experts, top_k, hidden, max_tokens, dtype, combine_wire, DISCO_ND_CHUNK_ROWS, "
+      "DISCO_ND_DCHUNK_ROWS, "
       "DISCO_ND_PIPE_PARTS or which peers are load-store accessible "
       "(DISCO_ND_HOST_PEERS)",
       nd_make, &comm);
