@@ -181,7 +181,8 @@ disco_result_t disco_nd_mark(disco_comm_t *comm, cudaStream_t stream, const char
  * row (the pipelined dispatch: acks, counts, then one per source and part:
  * 2 + H (W - 1)); the host allows for that before it calls the device stuck,
  * so that slow but live peers are not reported as a timeout. (The pipelined
- * combine waits per chunk: peers slower than that can still exceed it.) */
+ * combine and a chunked last source of the dispatch wait per chunk: peers
+ * slower than that can still exceed it.) */
 disco_result_t disco_nd_wait_last(disco_comm_t *comm, const char *fn) {
   disco_nd_state_t *st = comm->backend_state;
   if (!st->last_valid) return DISCO_SUCCESS;
