@@ -77,6 +77,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   if (fuse && b != 0 && threadIdx.x == 0) ok = ok && nd_wait_block0(nd, nd.lay, s);
   if (tr) nd_trace(nd, 0, s, 1);
   if (!nd_block_all(ok)) return;
+  if (threadIdx.x == 0) nd_trace_max(nd, 0, s, 8);
   const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
   /* 2. Block 0: the count messages (self included) and DCNT flags; the other
    * blocks (all, with a grid of one): rows and metadata. Flags by the last. */
@@ -100,6 +101,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                     late ? pass + 1 : 0);
     }
   }
+  if (threadIdx.x == 0) nd_trace_max(nd, 0, s, 9);
   if (nd_last_block(&nd.done[0])) {
     nd.ctr[DISCO_ND_CTR_SEND] = 0ull;
     nd.ctr[DISCO_ND_CTR_EXPAND] = 0ull; /* the hook's second pass */
@@ -128,6 +130,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     if (threadIdx.x == 0) ok = nd_wait_block0(nd, nd.plan, s);
     if (!nd_block_all(ok)) return;
   }
+  if (threadIdx.x == 0) nd_trace_max(nd, 0, s, 10);
   /* 4. Expand (nothing reaches the caller unless every rank is fine and the
    * rows fit), padding rows. */
   if (rows_on && *(volatile int32_t *)pl.go) {
@@ -142,6 +145,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
       nd_pad_rows(p, pl, b, nb, recv_x, src_rank, src_token, expert, weight);
   }
   if (tr) nd_trace(nd, 0, s, 6);
+  if (threadIdx.x == 0) nd_trace_max(nd, 0, s, 11);
   /* 5. Done reading the slots: ack every source; next call's sequence. */
   if (nd_last_block(&nd.done[2])) {
     nd_flag_peers(nd, W, r, DISCO_ND_DACK, s << 8);

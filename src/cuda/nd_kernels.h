@@ -133,10 +133,12 @@ typedef struct disco_nd_params {
 #define DISCO_ND_TUNE_NO_PREFETCH_PIPE 4096
 
 /* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c);
- * kinds: dispatch, combine, pipelined dispatch, pipelined combine. */
+ * kinds: dispatch, combine, pipelined dispatch, pipelined combine. Slots
+ * 0-7: block 0's (or the last block's) phase ends; 8-15: the latest block
+ * to reach a point (atomicMax, the small dispatch: where its tail is). */
 #define DISCO_ND_TRACE_KINDS 4
 #define DISCO_ND_TRACE_CALLS 256
-#define DISCO_ND_TRACE_SLOTS 8
+#define DISCO_ND_TRACE_SLOTS 16
 
 /* Pipelined dispatch (nd_pipe.cu), for many tokens: blocks [0, nx) expand
  * each source's rows as its flag lands (own first), blocks [nx, nb) send in

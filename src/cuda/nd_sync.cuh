@@ -285,6 +285,18 @@ __device__ __forceinline__ void nd_trace(const disco_nd_params_t &nd, int kind, 
              (u64)slot] = nd_now();
 }
 
+/* The latest of the blocks that pass here, in slot `slot` (one thread per
+ * block; timestamps only grow, so the ring's stale entries lose). */
+__device__ __forceinline__ void nd_trace_max(const disco_nd_params_t &nd, int kind,
+                                             u64 seq, int slot) {
+  if (nd.trace != NULL)
+    atomicMax(nd.trace +
+                  ((u64)kind * DISCO_ND_TRACE_CALLS + (seq % DISCO_ND_TRACE_CALLS)) *
+                      DISCO_ND_TRACE_SLOTS +
+                  (u64)slot,
+              nd_now());
+}
+
 /* Device-scope release store of a word that blocks of this grid wait on. */
 __device__ __forceinline__ void nd_st_release_gpu(u64 *p, u64 v) {
   asm volatile("st.release.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");

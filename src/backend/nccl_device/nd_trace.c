@@ -54,7 +54,10 @@ void disco_nd_trace_report(disco_nd_state_t *st, int rank) {
   /* phase i = slot i - slot i-1 ("+": after block 0, until the last block);
    * a name starting with '@' is slot i - slot 0 instead */
   static const char *const names[DISCO_ND_TRACE_KINDS][DISCO_ND_TRACE_SLOTS] = {
-      {"", "ack-wait", "@counts-in", "@sent", "@flags-in", "@go", "@expand", "@done"},
+      {"", "ack-wait", "@counts-in", "@sent", "@flags-in", "@go", "@expand", "@done",
+       /* the latest block: past the acks, out of its sends, into and out of
+        * the expand (the spread of the blocks behind @sent and @done) */
+       "@all-past-ack", "@all-sent", "@all-expanding", "@all-expanded"},
       {"", "ack-wait", "send", "+last-send", "+flags", "token", "+last-token", ""},
       {"", "ack-wait", "counts+plan", "own-expand", "expand-until-last-flag",
        "last-source-expand", "+last-expand", "@senders-done"},
@@ -88,7 +91,7 @@ void disco_nd_trace_report(disco_nd_state_t *st, int rank) {
                        "disco trace rank %d %s, median us of %llu calls:", rank, kinds[k],
                        n - skip);
     for (int i = 1; i < DISCO_ND_TRACE_SLOTS && len < (int)sizeof(line); i++)
-      if (names[k][i][0] != '\0')
+      if (names[k][i] != NULL && names[k][i][0] != '\0')
         len +=
             snprintf(line + len, sizeof(line) - (size_t)len, " %s %.1f", names[k][i],
                      nd_median(r, first, sq, i, names[k][i][0] == '@' ? 0 : i - 1, tmp));
