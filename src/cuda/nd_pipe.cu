@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
        * the fences cost the senders ~30 us over all steps at 4096 K 8), and
        * only for many bytes (run 54: 4096 K 8 -14 us, 14 MB per peer +1-4) */
       const int dch =
-          nd.dch_rows > 0 && H == 1 && step == W - 1 &&
+          nd.dch_rows > 0 && H == 1 && step == W - 1 && d != r &&
           pl.msg[(long long)d * p.msg_len + DISCO_MSG_TOKENS] * (long long)p.row_bytes >=
               nd.dch_min;
       long long pg = -1; /* pending chunk, */
