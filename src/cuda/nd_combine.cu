@@ -38,11 +38,8 @@ __device__ __forceinline__ void nd_chunk_add(const disco_kparams_t &p,
   const long long CH = nd.cch_rows, rows = pl.recv_off[q + 1] - pl.recv_off[q];
   const long long left = rows - g * CH, nch = DISCO_ND_CHUNKS(p.max_tokens);
   const unsigned want = (unsigned)((left < CH ? left : CH) * P);
-  unsigned *cnt = nd.cdone + q * nch + g;
-  if (atomicAdd(cnt, n) + n != want) return;
-  __threadfence_system();
-  *cnt = 0u; /* nobody else counts this chunk again in this call */
-  nd_st_release(nd_cch(nd, nd.peer[q], p.rank, g, nch), v);
+  nd_chunk_count(nd.cdone + q * nch + g, n, want, nd_cch(nd, nd.peer[q], p.rank, g, nch),
+                 v);
 }
 
 /* A warp has stored received row i (all its pieces): count it at once (a

@@ -52,6 +52,14 @@ static __device__ int nd_send_one(const disco_kparams_t &p, const disco_nd_param
   return row;
 }
 
+/* Whether a source's `rows` to one receiver go in flagged chunks (the
+ * sender's step to it and the receiver's expand of it decide alike). */
+__device__ __forceinline__ int nd_dch_on(const disco_kparams_t &p,
+                                         const disco_nd_params_t &nd, int H,
+                                         long long rows) {
+  return nd.dch_rows > 0 && H == 1 && rows * (long long)p.row_bytes >= nd.dch_min;
+}
+
 /* Chunk flags of the rows to destination d (nd.dch_rows > 0): a sender block
  * counts the rows it stored while they stay in one chunk g (its tickets come
  * in increasing order, so it crosses each chunk once) and, when it moves on,
@@ -68,12 +76,9 @@ static __device__ void nd_dch_flush(const disco_kparams_t &p, const disco_nd_par
   const long long CH = nd.dch_rows, nch = DISCO_ND_CHUNKS(p.max_tokens);
   const long long left = pl.msg[(long long)d * p.msg_len + DISCO_MSG_TOKENS] - g * CH;
   const unsigned want = (unsigned)(left < CH ? left : CH);
-  unsigned *cnt = nd.ddone + (long long)d * nch + g;
   __threadfence_system();
-  if (atomicAdd(cnt, n) + n != want) return;
-  __threadfence_system();
-  *cnt = 0u; /* nobody counts this chunk again in this call */
-  nd_st_release((u64 *)(nd.peer[d] + nd.off_dch) + (long long)p.rank * nch + g, s << 8);
+  nd_chunk_count(nd.ddone + (long long)d * nch + g, n, want,
+                 (u64 *)(nd.peer[d] + nd.off_dch) + (long long)p.rank * nch + g, s << 8);
 }
 
 /* Slot k of token t that goes to destination d, or -1. */
@@ -237,9 +242,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
        * the fences cost the senders ~30 us over all steps at 4096 K 8), and
        * only for many bytes (run 54: 4096 K 8 -14 us, 14 MB per peer +1-4) */
       const int dch =
-          nd.dch_rows > 0 && H == 1 && step == W - 1 && d != r &&
-          pl.msg[(long long)d * p.msg_len + DISCO_MSG_TOKENS] * (long long)p.row_bytes >=
-              nd.dch_min;
+          step == W - 1 && d != r &&
+          nd_dch_on(p, nd, H, pl.msg[(long long)d * p.msg_len + DISCO_MSG_TOKENS]);
       long long pg = -1; /* pending chunk, */
       unsigned pn = 0u;  /* its rows (uniform) */
       __shared__ int ks[32];
@@ -314,9 +318,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     if (tr && e == 1) nd_trace(nd, 2, s, 3); /* own rows expanded */
     /* a peer's rows in chunks: the expand waits for each chunk's flag (or
      * the source's DFLAG) as it reaches it, not for the DFLAG first */
-    const int chunked =
-        go && e == n_e - 1 && e != 0 && H == 1 && nd.dch_rows > 0 &&
-        (pl.recv_off[q + 1] - pl.recv_off[q]) * (long long)p.row_bytes >= nd.dch_min;
+    const int chunked = go && e == n_e - 1 && e != 0 &&
+                        nd_dch_on(p, nd, H, pl.recv_off[q + 1] - pl.recv_off[q]);
     if (threadIdx.x == 0 && !chunked) {
       u64 v;
       const u64 *fin = nd_flag(nd, nd.local, W, DISCO_ND_DFLAG, q);

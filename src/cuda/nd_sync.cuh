@@ -193,34 +193,13 @@ __device__ __forceinline__ void nd_piece(int nv, int P, int part, int *lo, int *
   *hi = (int)((long long)nv * (part + 1) / P);
 }
 
-/* Batched 16-byte copy of vectors [lo, hi) by S threads (tid 0..S-1: a
- * block or a warp): ND_UNROLL loads in flight per thread before their
- * stores, to up to nd destinations. */
+/* 16-byte copies of vectors [lo, hi) by S threads (tid 0..S-1: a block or a
+ * warp), ND_UNROLL loads in flight per thread before their stores. One pass
+ * (at most ND_UNROLL * S vectors) in two halves: nd_pre_load issues the
+ * loads, nd_pre_store stores them to up to nd destinations once these are
+ * known, so that the loads' latency can overlap the dependent loads that
+ * find the destinations (metadata, layout) instead of following them. */
 #define ND_UNROLL 4
-template <bool CG, int S>
-__device__ __forceinline__ void nd_copy_s(uint4 *const *dst, int nd, const uint4 *src,
-                                          int lo, int hi, int tid) {
-  for (int v0 = lo + tid; v0 < hi; v0 += ND_UNROLL * S) {
-    uint4 a[ND_UNROLL];
-#pragma unroll
-    for (int u = 0; u < ND_UNROLL; u++) {
-      const int v = v0 + u * S;
-      if (v < hi) a[u] = CG ? __ldcg(src + v) : __ldg(src + v);
-    }
-#pragma unroll
-    for (int u = 0; u < ND_UNROLL; u++) {
-      const int v = v0 + u * S;
-      if (v < hi)
-        for (int k = 0; k < nd; k++) dst[k][v] = a[u];
-    }
-  }
-}
-
-/* The same split in two, for a piece of at most ND_UNROLL * S vectors (one
- * pass): nd_pre_load issues the loads, nd_pre_store stores them once the
- * destinations are known, so that the loads' latency overlaps the dependent
- * loads that find the destinations (metadata, layout) instead of following
- * them. */
 template <bool CG, int S>
 __device__ __forceinline__ void nd_pre_load(uint4 *a, const uint4 *src, int lo, int hi,
                                             int tid) {
@@ -239,6 +218,17 @@ __device__ __forceinline__ void nd_pre_store(uint4 *const *dst, int nd, const ui
     const int v = lo + tid + u * S;
     if (v < hi)
       for (int k = 0; k < nd; k++) dst[k][v] = a[u];
+  }
+}
+
+/* The whole range, pass by pass. */
+template <bool CG, int S>
+__device__ __forceinline__ void nd_copy_s(uint4 *const *dst, int nd, const uint4 *src,
+                                          int lo, int hi, int tid) {
+  for (int v0 = lo + tid; v0 < hi; v0 += ND_UNROLL * S) {
+    uint4 a[ND_UNROLL];
+    nd_pre_load<CG, S>(a, src, v0 - tid, hi, tid);
+    nd_pre_store<S>(dst, nd, a, v0 - tid, hi, tid);
   }
 }
 
@@ -295,6 +285,19 @@ __device__ __forceinline__ void nd_trace_max(const disco_nd_params_t &nd, int ki
                       DISCO_ND_TRACE_SLOTS +
                   (u64)slot,
               nd_now());
+}
+
+/* Adds n stored rows (or pieces) to a chunk's counter, after the caller's
+ * system fence over them; the adder that brings it to `want` resets it
+ * (nobody counts this chunk again in this call) and publishes v in the
+ * chunk's flag. One thread. Chunk flags of the pipelined dispatch and
+ * combine. */
+__device__ __forceinline__ void nd_chunk_count(unsigned *cnt, unsigned n, unsigned want,
+                                               u64 *flag, u64 v) {
+  if (atomicAdd(cnt, n) + n != want) return;
+  __threadfence_system();
+  *cnt = 0u;
+  nd_st_release(flag, v);
 }
 
 /* Device-scope release store of a word that blocks of this grid wait on. */
