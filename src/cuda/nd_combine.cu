@@ -51,7 +51,7 @@ __device__ __forceinline__ void nd_chunk_row_warp(const disco_kparams_t &p,
   __syncwarp();
   if ((threadIdx.x & 31) != 0) return;
   const int q = disco_source(pl, p.world, i);
-  __threadfence_system();
+  nd_fence_sys();
   nd_chunk_add(p, nd, pl, q, (i - pl.recv_off[q]) / nd.cch_rows, 1u, 1, v);
 }
 
@@ -73,7 +73,7 @@ __device__ __forceinline__ void nd_pend_flush(const disco_kparams_t &p,
                                               int P, u64 v) {
   __syncthreads(); /* the block's stores are issued */
   if (threadIdx.x == 0 && pd.g >= 0) {
-    __threadfence_system();
+    nd_fence_sys();
     for (int q = 0; q < p.world && q < ND_PEND_MAX; q++)
       if (pd.n[q] != 0u) {
         nd_chunk_add(p, nd, pl, q, pd.g, pd.n[q], P, v);
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
         } else if (sent && q >= ND_PEND_MAX) { /* a world too large to track */
           __syncthreads();                     /* every thread's stores of the piece */
           if (threadIdx.x == 0) {
-            __threadfence_system();
+            nd_fence_sys();
             nd_chunk_add(p, nd, pl, q, (i - pl.recv_off[q]) / nd.cch_rows, 1u, P, cv);
           }
         }

@@ -67,7 +67,6 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     (void)disco_layout_body(p, pl, idx, idx64, T, 0, 1, smem);
     __syncthreads();
     if (threadIdx.x == 0) {
-      __threadfence();
       nd_st_release_gpu(nd.lay, s);
     }
   }
@@ -122,7 +121,6 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     if (tr) nd_trace(nd, 0, s, 4);
     if (!nd_block_all(ok)) return;
     if (threadIdx.x == 0) {
-      __threadfence();
       nd_st_release_gpu(nd.plan, s);
       nd_trace(nd, 0, s, 5);
     }

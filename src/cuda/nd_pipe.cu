@@ -76,7 +76,7 @@ static __device__ void nd_dch_flush(const disco_kparams_t &p, const disco_nd_par
   const long long CH = nd.dch_rows, nch = DISCO_ND_CHUNKS(p.max_tokens);
   const long long left = pl.msg[(long long)d * p.msg_len + DISCO_MSG_TOKENS] - g * CH;
   const unsigned want = (unsigned)(left < CH ? left : CH);
-  __threadfence_system();
+  nd_fence_sys();
   nd_chunk_count(nd.ddone + (long long)d * nch + g, n, want,
                  (u64 *)(nd.peer[d] + nd.off_dch) + (long long)p.rank * nch + g, s << 8);
 }
@@ -201,7 +201,6 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     if (b < nl && disco_layout_body(p, pl, idx, idx64, T, b, nl, smem)) {
       __syncthreads();
       if (threadIdx.x == 0) {
-        __threadfence();
         nd_st_release_gpu(nd.lay, s);
       }
     }
@@ -279,7 +278,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
         if (d == r)
           nd_st_release_gpu(&nd.sent[0], s); /* own slot: read by this grid only */
         else
-          nd_st_release(nd_flag(nd, nd.peer[d], W,
+          nd_st_relaxed(nd_flag(nd, nd.peer[d], W,
                                 h == H - 1 ? DISCO_ND_DFLAG : DISCO_ND_DPART + h, r),
                         s << 8 | (u64)(st & 255));
         if (e == n_e - 1) nd_trace(nd, 2, s, 7);
@@ -299,7 +298,6 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_make_plan(p, nd, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap, call);
     __syncthreads();
     if (threadIdx.x == 0) {
-      __threadfence();
       nd_st_release_gpu(nd.plan, s);
       nd_trace(nd, 2, s, 2);
     }

@@ -45,7 +45,7 @@ static __device__ void nd_send_counts(const disco_kparams_t &p,
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();
+    nd_fence_sys();
     nd_flag_peers(nd, W, r, DISCO_ND_DCNT, s << 8 | (u64)(st & 255));
   }
 }

@@ -28,6 +28,21 @@ __device__ __forceinline__ void nd_st_release(u64 *p, u64 v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
+/* A strong relaxed store: after nd_fence_sys, the fence and this store make
+ * a release pattern (PTX memory model), so several flags after one fence
+ * need no fence each (st.release's own fence waited for the previous flag's
+ * remote store every time). */
+__device__ __forceinline__ void nd_st_relaxed(u64 *p, u64 v) {
+  asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+/* System-scope acquire-release fence: all the ordering the flags need.
+ * __threadfence_system() is fence.sc.sys, a sequentially consistent fence
+ * that nothing here relies on. */
+__device__ __forceinline__ void nd_fence_sys(void) {
+  asm volatile("fence.acq_rel.sys;" ::: "memory");
+}
+
 __device__ __forceinline__ int nd_dead(const disco_nd_params_t &nd) {
   return *(volatile u64 *)nd.fatal != 0ull;
 }
@@ -38,12 +53,14 @@ __device__ __forceinline__ u64 *nd_flag(const disco_nd_params_t &nd, char *base,
   return (u64 *)(base + nd.off_flags) + (long long)kind * W + q;
 }
 
-/* Flag `kind` of this rank r at every peer (not itself): v. One thread. */
+/* Flag `kind` of this rank r at every peer (not itself): v. One thread,
+ * right after nd_fence_sys (which releases what the flags publish), or for
+ * a flag whose value is all it says. */
 __device__ __forceinline__ void nd_flag_peers(const disco_nd_params_t &nd, int W, int r,
                                               int kind, u64 v) {
 #pragma unroll 1
   for (int d = 0; d < W; d++)
-    if (d != r) nd_st_release(nd_flag(nd, nd.peer[d], W, kind, r), v);
+    if (d != r) nd_st_relaxed(nd_flag(nd, nd.peer[d], W, kind, r), v);
 }
 
 /* Latches the fatal TIMEOUT (first one wins) and tells every peer that this
@@ -149,13 +166,14 @@ static __device__ int nd_wait_all(const disco_kparams_t &p, const disco_nd_param
 }
 
 /* Last of n blocks to get here (after their stores): returns 1 in thread 0
- * of that block, which may then publish. Resets the counter. */
+ * of that block, which may then publish with relaxed stores (its second
+ * fence orders them after every block's stores). Resets the counter. */
 __device__ __forceinline__ int nd_last_of(unsigned *done, unsigned n) {
   __syncthreads();
   if (threadIdx.x != 0) return 0;
-  __threadfence_system();
+  nd_fence_sys(); /* release this block's stores */
   if (atomicAdd(done, 1u) != n - 1u) return 0;
-  __threadfence_system();
+  nd_fence_sys(); /* acquire the other blocks' (and release them on) */
   *done = 0u;
   return 1;
 }
@@ -295,9 +313,9 @@ __device__ __forceinline__ void nd_trace_max(const disco_nd_params_t &nd, int ki
 __device__ __forceinline__ void nd_chunk_count(unsigned *cnt, unsigned n, unsigned want,
                                                u64 *flag, u64 v) {
   if (atomicAdd(cnt, n) + n != want) return;
-  __threadfence_system();
+  nd_fence_sys();
   *cnt = 0u;
-  nd_st_release(flag, v);
+  nd_st_relaxed(flag, v);
 }
 
 /* Device-scope release store of a word that blocks of this grid wait on. */
