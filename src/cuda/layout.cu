@@ -29,7 +29,8 @@ __global__ void disco_recv_plan_kernel(disco_kparams_t p, disco_dev_plan_t pl, i
                                        int align, int32_t *n_to, int32_t *n_from,
                                        int32_t *tpe, int64_t *num_rows_out,
                                        long long cap) {
-  disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap, 0);
+  disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap, 0,
+                       NULL);
 }
 
 extern "C" cudaError_t disco_k_recv_plan(const disco_kparams_t *p,

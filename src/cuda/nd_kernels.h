@@ -131,6 +131,9 @@ typedef struct disco_nd_params {
  * 51): 2048 in the pipelined kernel's expand, 4096 in its senders */
 #define DISCO_ND_TUNE_NO_PREFETCH 2048
 #define DISCO_ND_TUNE_NO_PREFETCH_PIPE 4096
+/* The small dispatch's block expand a row (or piece) per ticket, one row's
+ * loads in flight (the code before run 58) */
+#define DISCO_ND_TUNE_ROW_EXPAND 8192
 
 /* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c);
  * kinds: dispatch, combine, pipelined dispatch, pipelined combine. Slots

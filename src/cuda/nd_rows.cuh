@@ -18,12 +18,8 @@ static __device__ void nd_make_plan(const disco_kparams_t &p, const disco_nd_par
                                     const disco_dev_plan_t &pl, int layout, int align,
                                     int32_t *n_to, int32_t *n_from, int32_t *tpe,
                                     int64_t *num_rows_out, long long cap, u64 call) {
-  const int n = p.world * p.msg_len;
-  const long long *cnt = (const long long *)(nd.local + nd.off_cnt);
-  for (int i = threadIdx.x; i < n; i += blockDim.x) pl.msg[n + i] = __ldcg(cnt + i);
-  __syncthreads();
   disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap,
-                       (long long)call);
+                       (long long)call, (const long long *)(nd.local + nd.off_cnt));
 }
 
 /* Block 0: the count messages into every rank's slot r (self included), then
@@ -253,6 +249,69 @@ __device__ void nd_expand_range(const disco_kparams_t &p, const disco_nd_params_
       nd_expand_expert<S, PRE>(p, nd, pl, x, first + it / P, recv_x, src_rank, src_token,
                                expert, weight, lo, hi, it % P == 0, threadIdx.x);
   }
+}
+
+/* The small dispatch's expand, EXPERT_MAJOR, block workers: tickets of G
+ * consecutive received rows (G = ceil(R / nb), at most ND_XG). Warp g finds
+ * row g's destinations (source, metadata -> srcbase) and writes its
+ * metadata outputs; then the whole block copies the G rows at once, ND_XU
+ * loads in flight per thread. A row per ticket left each block a chain of
+ * dependent loads per row (~3 us) with only a few KB in flight. */
+#define ND_XG 4
+#define ND_XU 8
+static __device__ void nd_expand_batch(const disco_kparams_t &p,
+                                       const disco_nd_params_t &nd,
+                                       const disco_dev_plan_t &pl, const uint4 *x,
+                                       long long R, int nb, unsigned long long *ctr,
+                                       uint4 *recv_x, int *src_rank, int *src_token,
+                                       int *expert, float *weight) {
+  __shared__ const uint4 *xs[ND_XG];
+  __shared__ uint4 *xd[ND_XG][32]; /* K <= 32 */
+  __shared__ int xn[ND_XG];
+  const int nv = p.row_vecs, L = p.num_local, S = DISCO_ND_THREADS;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long long g1 = (R + nb - 1) / nb;
+  const int G = g1 < 1 ? 1 : g1 > ND_XG ? ND_XG : (int)g1;
+  const long long ng = (R + G - 1) / G;
+  for (long long it = nd_share<S>(nd_ask<S>(ctr)), a; it < ng; it = nd_share<S>(a)) {
+    a = nd_ask<S>(ctr);
+    const long long i0 = it * G;
+    const int m = R - i0 < G ? (int)(R - i0) : G;
+    if (warp < m) {
+      const long long i = i0 + warp;
+      const int s = disco_source(pl, p.world, i);
+      const long long slot = (long long)s * p.max_tokens + (i - pl.recv_off[s]);
+      const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
+      const int t = __ldcg(meta), n = __ldcg(meta + 1);
+      const int64_t *sb = pl.srcbase + (long long)s * L;
+      for (int q = lane; q < n; q += 32)
+        xd[warp][q] =
+            recv_x + (sb[__ldcg(meta + 2 + 3 * q) >> 8] + __ldcg(meta + 3 + 3 * q)) * nv;
+      if (lane == 0) {
+        xn[warp] = n;
+        xs[warp] = s == p.rank ? x + (long long)t * nv
+                               : (const uint4 *)(nd.local + nd.off_rows) + slot * nv;
+      }
+      disco_expand_meta<true>(p, pl, meta, s, i, sb, lane, src_rank, src_token, expert,
+                              weight);
+    }
+    __syncthreads(); /* xs, xd, xn are set */
+    const int tot = m * nv;
+    for (int f0 = threadIdx.x; f0 < tot; f0 += ND_XU * S) {
+      uint4 v[ND_XU];
+#pragma unroll
+      for (int u = 0; u < ND_XU; u++) {
+        const int f = f0 + u * S, g = f / nv;
+        if (f < tot) v[u] = __ldcg(xs[g] + (f - g * nv));
+      }
+#pragma unroll
+      for (int u = 0; u < ND_XU; u++) {
+        const int f = f0 + u * S, g = f / nv;
+        if (f < tot)
+          for (int q = 0; q < xn[g]; q++) xd[g][q][f - g * nv] = v[u];
+      }
+    }
+  } /* (nd_share's barrier keeps the next ticket's writes after these reads) */
 }
 
 /* ---- combine ------------------------------------------------------------------- */
