@@ -17,8 +17,7 @@ __global__ void __launch_bounds__(DISCO_SIDE_THREADS)
   for (long long j = blockIdx.y; j < sel.n; j += gridDim.y) {
     const long long i = disco_sel(sel, pl.recv_off, p.world, p.rank, j);
     const int *rows = pl.comb_rows + i * K;
-    int n = 0;
-    while (n < K && rows[n] >= 0) n++;
+    const int n = disco_count_valid(rows, K);
     float acc[8];
     disco_fold_expert(y, rows, pl.comb_w + i * K, n, nv, v, weighted, p.dtype, acc);
     disco_store_part((uint4 *)p.ws_recv + i * out_vecs, v, wire32, nq, p.dtype, acc);
@@ -83,8 +82,7 @@ __global__ void __launch_bounds__(DISCO_SIDE_THREADS)
     const int t = pass >= 0 ? pl.pass_list[(long long)pass * M + j] : j;
     const int *dest = pl.tok_dest + (long long)t * kd;
     const int *trow = pl.tok_row + (long long)t * kd;
-    int n = 0;
-    while (n < kd && dest[n] >= 0) n++;
+    const int n = disco_count_valid(dest, kd);
     float acc[8];
     disco_fold_token<false>(dest, trow, n, p.rank, self_part, self_off,
                             (const uint4 *)p.ws_send, M, part_vecs, v, wire32, nq,

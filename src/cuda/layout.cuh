@@ -27,6 +27,9 @@ static __device__ void disco_finalize_body(const disco_kparams_t &p,
                                            int idx64, int nblk, long long *tot) {
   const int nc = p.num_cols, E = p.num_experts, K = p.top_k;
   long long *st = tot + nc;
+  /* the first bad slot, read ahead of the loop below (its latency hidden) */
+  const unsigned long long key =
+      threadIdx.x == 0 ? *(volatile unsigned long long *)p.err_key : ~0ull;
   /* Loads in batches: one at a time (the store to blk_base may alias the
    * next load for the compiler) cost an L2 round trip per layout block, ~10
    * us at 4096 tokens. */
@@ -47,7 +50,6 @@ static __device__ void disco_finalize_body(const disco_kparams_t &p,
     tot[c] = acc;
   }
   if (threadIdx.x == 0) {
-    unsigned long long key = *(volatile unsigned long long *)p.err_key;
     st[0] = st[1] = st[2] = st[3] = st[4] = 0;
     if (key != ~0ull) {
       long long t = (long long)(key / (unsigned long long)K);

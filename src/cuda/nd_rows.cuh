@@ -438,8 +438,7 @@ __device__ int nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t 
     return 1;
   }
   const int *rws = pl.comb_rows + i * K;
-  int n = 0;
-  while (n < K && rws[n] >= 0) n++;
+  const int n = disco_count_valid(rws, K);
   if (S == DISCO_ND_THREADS && K == 1 && n == 1 && !wire32 &&
       !(nd.tune & DISCO_ND_TUNE_NO_VBATCH)) {
     nd_fold_one<false>(y + (long long)rws[0] * nv, pl.comb_w[i * K], weighted, p.dtype,
@@ -464,8 +463,7 @@ __device__ void nd_ctoken_token(const disco_kparams_t &p, const disco_nd_params_
   const uint4 *part = (const uint4 *)(nd.local + nd.off_part);
   const int *dest = pl.tok_dest + (long long)t * kd;
   const int *trow = pl.tok_row + (long long)t * kd;
-  int n = 0;
-  while (n < kd && dest[n] >= 0) n++;
+  const int n = disco_count_valid(dest, kd);
   if (S == DISCO_ND_THREADS && p.top_k == 1 && n == 1 && !wire32 &&
       !(nd.tune & DISCO_ND_TUNE_NO_VBATCH)) {
     nd_fold_one<true>(part + ((long long)dest[0] * M + trow[0]) * nd.part_vecs, 1.0f, 0,

@@ -145,11 +145,10 @@ static __device__ int nd_wait_all(const disco_kparams_t &p, const disco_nd_param
     s_bad = 0x7fffffff;
   }
   __syncthreads();
-  for (int q = threadIdx.x; q < p.world; q += blockDim.x) /* fail fast: gave up */
-    if (q != p.rank && nd_peer_dead(p, nd, q, call)) atomicExch(&s_ok, 0);
-  __syncthreads();
-  const int alive = s_ok; /* shared writes below are atomics (racecheck-clean) */
-  for (int q = threadIdx.x; alive && q < p.world; q += blockDim.x) {
+  /* (A peer that gave up is seen by nd_wait's own checks if its flag is not
+   * here; checking every peer first cost an L2 round trip per wait.) Shared
+   * writes below are atomics (racecheck-clean). */
+  for (int q = threadIdx.x; q < p.world; q += blockDim.x) {
     u64 v = 0;
     if (q == p.rank) continue;
     if (!nd_wait(p, nd, nd_flag(nd, nd.local, p.world, kind, q), want, q, phase, call,

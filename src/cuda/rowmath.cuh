@@ -62,6 +62,21 @@ __device__ __forceinline__ void disco_store_part(uint4 *row, long long v, int wi
 
 #define DISCO_BATCH 4 /* rows in flight per thread in a fold */
 
+/* Entries of a before the first negative one, at most m (a list that ends
+ * with -1 or fills m): loads in batches of 8 (a scan one entry at a time was
+ * an L2 round trip per entry, in every row of the combines). */
+__device__ __forceinline__ int disco_count_valid(const int *a, int m) {
+  for (int k0 = 0; k0 < m; k0 += 8) {
+    int v[8];
+#pragma unroll
+    for (int u = 0; u < 8; u++) v[u] = k0 + u < m ? a[k0 + u] : -1;
+#pragma unroll
+    for (int u = 0; u < 8; u++)
+      if (v[u] < 0) return k0 + u;
+  }
+  return m;
+}
+
 /* Expert side, vector v of one received token: its n >= 1 rows of y (`rows`,
  * local experts ascending) folded in order, each times its weight when
  * `weighted`: fold from the first term, separate fp32 roundings, no FMA
