@@ -145,10 +145,14 @@ static __device__ int nd_wait_all(const disco_kparams_t &p, const disco_nd_param
     s_bad = 0x7fffffff;
   }
   __syncthreads();
-  /* (A peer that gave up is seen by nd_wait's own checks if its flag is not
-   * here; checking every peer first cost an L2 round trip per wait.) Shared
-   * writes below are atomics (racecheck-clean). */
-  for (int q = threadIdx.x; q < p.world; q += blockDim.x) {
+  /* Fail fast: a peer that gave up (even one whose flag is here: a late rank
+   * must learn that the others have given up on the comm; tests/gpu/test_nd.c
+   * "late dispatch", run 62 caught a version without this check). */
+  for (int q = threadIdx.x; q < p.world; q += blockDim.x)
+    if (q != p.rank && nd_peer_dead(p, nd, q, call)) atomicExch(&s_ok, 0);
+  __syncthreads();
+  const int alive = s_ok; /* shared writes below are atomics (racecheck-clean) */
+  for (int q = threadIdx.x; alive && q < p.world; q += blockDim.x) {
     u64 v = 0;
     if (q == p.rank) continue;
     if (!nd_wait(p, nd, nd_flag(nd, nd.local, p.world, kind, q), want, q, phase, call,
