@@ -136,10 +136,9 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     const int warp = !(nd.tune & DISCO_ND_TUNE_BLOCK_EXPAND) &&
                      (R >= (long long)nb * (DISCO_ND_THREADS / 32) ||
                       (nd.tune & DISCO_ND_TUNE_FORCE_WARP));
-    /* several rows per block: tickets of rows, all in flight at once (run
-     * 58: 128 K 8 55.7 -> 53.6 us); fewer rows than blocks: pieces of rows
-     * keep more blocks busy (32 K 1 30.8 against 31.5 us in whole rows) */
-    if (!warp && !rank_major && R > nb && !(nd.tune & DISCO_ND_TUNE_ROW_EXPAND))
+    /* EXPERT_MAJOR, K <= 32: tickets of rows, their metadata read once and
+     * all in flight at once (nd_expand_batch) */
+    if (!warp && !rank_major && p.top_k <= 32 && !(nd.tune & DISCO_ND_TUNE_ROW_EXPAND))
       nd_expand_batch(p, nd, pl, x, R, nb, &nd.ctr[DISCO_ND_CTR_EXPAND], recv_x, src_rank,
                       src_token, expert, weight);
     else

@@ -300,14 +300,18 @@ __device__ void nd_expand_range(const disco_kparams_t &p, const disco_nd_params_
   }
 }
 
-/* The small dispatch's expand, EXPERT_MAJOR, block workers: tickets of G
- * consecutive received rows (G = ceil(R / nb), at most ND_XG). Warp g finds
- * row g's destinations (source, metadata -> srcbase) and writes its
- * metadata outputs; then the whole block copies the G rows at once, ND_XU
- * loads in flight per thread. A row per ticket left each block a chain of
- * dependent loads per row (~3 us) with only a few KB in flight. */
+/* The small dispatch's expand, EXPERT_MAJOR, K <= 32, block workers:
+ * tickets of G consecutive received rows (G = ceil(R / nb), at most ND_XG).
+ * Warp g reads row g's metadata once (a lane per local slot), finds the
+ * destinations from the sources' offsets, staged per block in shared
+ * memory, and writes the row's metadata outputs from registers; then the
+ * whole block copies the G rows at once, ND_XU loads in flight per thread.
+ * A row per ticket, its metadata read back field by field, left each block
+ * a chain of ~10 dependent loads per row with a few KB in flight (run 61
+ * trace, 128 tokens K 8: 15 us of expand after the last flag). */
 #define ND_XG 4
 #define ND_XU 8
+#define ND_XSB 512 /* int64 of srcbase and recv_off staged per block */
 static __device__ void nd_expand_batch(const disco_kparams_t &p,
                                        const disco_nd_params_t &nd,
                                        const disco_dev_plan_t &pl, const uint4 *x,
@@ -317,8 +321,17 @@ static __device__ void nd_expand_batch(const disco_kparams_t &p,
   __shared__ const uint4 *xs[ND_XG];
   __shared__ uint4 *xd[ND_XG][32]; /* K <= 32 */
   __shared__ int xn[ND_XG];
-  const int nv = p.row_vecs, L = p.num_local, S = DISCO_ND_THREADS;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __shared__ int64_t sbs[ND_XSB];
+  const int W = p.world, K = p.top_k, L = p.num_local, r = p.rank, nv = p.row_vecs;
+  const int S = DISCO_ND_THREADS, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const long long M = p.max_tokens;
+  /* generic pointers: shared when the world fits, else global */
+  const int staged = W * L + W + 1 <= ND_XSB;
+  const int64_t *sball = staged ? (const int64_t *)sbs : pl.srcbase;
+  const int64_t *ro = staged ? (const int64_t *)sbs + W * L : pl.recv_off;
+  for (int i = threadIdx.x; staged && i < W * L + W + 1; i += S)
+    sbs[i] = i < W * L ? pl.srcbase[i] : pl.recv_off[i - W * L];
+  __syncthreads();
   const long long g1 = (R + nb - 1) / nb;
   const int G = g1 < 1 ? 1 : g1 > ND_XG ? ND_XG : (int)g1;
   const long long ng = (R + G - 1) / G;
@@ -328,21 +341,38 @@ static __device__ void nd_expand_batch(const disco_kparams_t &p,
     const int m = R - i0 < G ? (int)(R - i0) : G;
     if (warp < m) {
       const long long i = i0 + warp;
-      const int s = disco_source(pl, p.world, i);
-      const long long slot = (long long)s * p.max_tokens + (i - pl.recv_off[s]);
+      int s = 0; /* source: recv_off ascending */
+      for (int q = 1; q < W; q++) s += ro[q] <= i;
+      const long long slot = (long long)s * M + (i - ro[s]);
       const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
       const int t = __ldcg(meta), n = __ldcg(meta + 1);
-      const int64_t *sb = pl.srcbase + (long long)s * L;
-      for (int q = lane; q < n; q += 32)
-        xd[warp][q] =
-            recv_x + (sb[__ldcg(meta + 2 + 3 * q) >> 8] + __ldcg(meta + 3 + 3 * q)) * nv;
+      int jl = 0, pos = 0;
+      float wt = 0.0f;
+      if (lane < K) { /* slot fields past n are stale but inside the row */
+        jl = __ldcg(meta + 2 + 3 * lane);
+        pos = __ldcg(meta + 3 + 3 * lane);
+        wt = __int_as_float(__ldcg(meta + 4 + 3 * lane));
+      }
+      const int l = jl >> 8;
+      const long long row = lane < n ? sball[(long long)s * L + l] + pos : 0;
+      if (lane < n) xd[warp][lane] = recv_x + row * nv;
       if (lane == 0) {
         xn[warp] = n;
-        xs[warp] = s == p.rank ? x + (long long)t * nv
-                               : (const uint4 *)(nd.local + nd.off_rows) + slot * nv;
+        xs[warp] = s == r ? x + (long long)t * nv
+                          : (const uint4 *)(nd.local + nd.off_rows) + slot * nv;
       }
-      disco_expand_meta<true>(p, pl, meta, s, i, sb, lane, src_rank, src_token, expert,
-                              weight);
+      /* the metadata outputs (disco_expand_meta), from registers */
+      int rk = 0; /* rank by local expert: combine folds experts ascending */
+      for (int o = 0; o < n; o++) rk += __shfl_sync(0xffffffffu, l, o) < l;
+      if (lane < n) {
+        pl.comb_rows[i * K + rk] = (int)row;
+        pl.comb_w[i * K + rk] = wt;
+        if (src_rank) src_rank[row] = s;
+        if (src_token) src_token[row] = t;
+        if (expert) expert[row] = r * L + l;
+        if (weight) weight[row] = wt;
+      }
+      if (lane == 0 && n < K) pl.comb_rows[i * K + n] = -1;
     }
     __syncthreads(); /* xs, xd, xn are set */
     const int tot = m * nv;
