@@ -1,9 +1,10 @@
 /* nccl_device kernels: dispatch and combine through the peers' symmetric
  * windows (see nd_kernels.h for the protocol). Ordering as in
  * docs/design-nccl-device.md §5: weak 16-byte stores; each block fences
- * (system scope) and counts itself done; the last block publishes one
- * release flag per peer. Waiters poll with system-scope acquire loads,
- * bounded by %globaltimer, then __syncthreads before the block reads. */
+ * (system scope, acquire-release) and counts itself done; the last block
+ * fences once more and stores one flag per peer. Waiters poll with
+ * system-scope acquire loads, bounded by %globaltimer, then __syncthreads
+ * before the block reads. */
 #include <string.h>
 
 #include "cuda/latch.cuh"
