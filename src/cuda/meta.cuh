@@ -16,18 +16,25 @@ __device__ __forceinline__ int disco_ld_meta(const int *p) {
   return CG ? __ldcg(p) : *p;
 }
 
-/* Source rank of received token i (recv_off ascending). */
-__device__ __forceinline__ int disco_source(const disco_dev_plan_t &pl, int W,
-                                            long long i) {
+/* Source rank of received token i, given the receive offsets (ascending,
+ * W + 1 of them, in global or shared memory). */
+__device__ __forceinline__ int disco_source_in(const int64_t *recv_off, int W,
+                                               long long i) {
   int lo = 0, hi = W - 1;
   while (lo < hi) {
     int mid = (lo + hi + 1) >> 1;
-    if (pl.recv_off[mid] <= i)
+    if (recv_off[mid] <= i)
       lo = mid;
     else
       hi = mid - 1;
   }
   return lo;
+}
+
+/* The same from the plan. */
+__device__ __forceinline__ int disco_source(const disco_dev_plan_t &pl, int W,
+                                            long long i) {
+  return disco_source_in(pl.recv_off, W, i);
 }
 
 /* One warp (lane 0..31) writes token t's metadata row for destination d at

@@ -67,9 +67,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     extern __shared__ unsigned smem[];
     (void)disco_layout_body(p, pl, idx, idx64, T, 0, 1, smem);
     __syncthreads();
-    if (threadIdx.x == 0) {
-      nd_st_release_gpu(nd.lay, s);
-    }
+    if (threadIdx.x == 0) nd_st_release_gpu(nd.lay, s);
   }
   /* 1. The peers have read our previous rows: we may overwrite the slots. */
   ok =

@@ -200,9 +200,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     extern __shared__ unsigned smem[];
     if (b < nl && disco_layout_body(p, pl, idx, idx64, T, b, nl, smem)) {
       __syncthreads();
-      if (threadIdx.x == 0) {
-        nd_st_release_gpu(nd.lay, s);
-      }
+      if (threadIdx.x == 0) nd_st_release_gpu(nd.lay, s);
     }
   }
   ok =

@@ -341,8 +341,7 @@ static __device__ void nd_expand_batch(const disco_kparams_t &p,
     const int m = R - i0 < G ? (int)(R - i0) : G;
     if (warp < m) {
       const long long i = i0 + warp;
-      int s = 0; /* source: recv_off ascending */
-      for (int q = 1; q < W; q++) s += ro[q] <= i;
+      const int s = disco_source_in(ro, W, i);
       const long long slot = (long long)s * M + (i - ro[s]);
       const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
       const int t = __ldcg(meta), n = __ldcg(meta + 1);
