@@ -163,7 +163,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   if (threadIdx.x == 0 && b == 0 && st != 0 && status_in == 0)
     disco_latch(p.lerr, st, r, (long long)call, y_rows, rows, 0, 0);
   /* the token owners have read our previous partials */
-  ok = nd_wait_all(p, nd, DISCO_ND_CACK, c - 1ull, DISCO_ND_PHASE_CACK, call, &q, &code);
+  ok = nd_wait_all<false>(p, nd, DISCO_ND_CACK, c - 1ull, DISCO_ND_PHASE_CACK, call, &q,
+                          &code);
   if (tr) nd_trace(nd, kind, c, 1);
   if (!ok) return;
   /* Our status, ahead of the partials. Only now: the owners have finished
@@ -245,11 +246,13 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   }
   if (cpipe) {
     /* Every rank's status first: nothing reaches out unless all are fine. */
-    ok = nd_wait_all(p, nd, DISCO_ND_CSTAT, c, DISCO_ND_PHASE_CSTAT, call, &q, &code);
+    ok = nd_wait_all<false>(p, nd, DISCO_ND_CSTAT, c, DISCO_ND_PHASE_CSTAT, call, &q,
+                            &code);
     if (tr) nd_trace(nd, kind, c, 2);
   } else {
     /* Every expert rank's partials, ours (other blocks of this grid) included. */
-    ok = nd_wait_all(p, nd, DISCO_ND_CFLAG, c, DISCO_ND_PHASE_CFLAG, call, &q, &code);
+    ok = nd_wait_all<false>(p, nd, DISCO_ND_CFLAG, c, DISCO_ND_PHASE_CFLAG, call, &q,
+                            &code);
     if (threadIdx.x == 0) ok = ok && nd_wait_block0(nd, &nd.sent[1], c);
   }
   if (threadIdx.x == 0) {

@@ -70,8 +70,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     if (threadIdx.x == 0) nd_st_release_gpu(nd.lay, s);
   }
   /* 1. The peers have read our previous rows: we may overwrite the slots. */
-  ok =
-      nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad, &code);
+  ok = nd_wait_all<true>(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad,
+                         &code);
   if (fuse && b != 0 && threadIdx.x == 0) ok = ok && nd_wait_block0(nd, nd.lay, s);
   if (tr) nd_trace(nd, 0, s, 1);
   if (!nd_block_all(ok)) return;
@@ -111,11 +111,13 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
    * rows still on the way), then every source's data, this rank's own slot
    * included (written by other blocks of this grid): go. */
   if (b == 0) {
-    ok = nd_wait_all(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad, &code);
+    ok = nd_wait_all<true>(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad,
+                           &code);
     if (tr) nd_trace(nd, 0, s, 2);
     if (!ok) return;
     nd_make_plan(p, nd, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap, call);
-    ok = nd_wait_all(p, nd, DISCO_ND_DFLAG, s, DISCO_ND_PHASE_DFLAG, call, &bad, &code);
+    ok = nd_wait_all<true>(p, nd, DISCO_ND_DFLAG, s, DISCO_ND_PHASE_DFLAG, call, &bad,
+                           &code);
     if (threadIdx.x == 0) ok = ok && nd_wait_block0(nd, &nd.sent[0], s);
     if (tr) nd_trace(nd, 0, s, 4);
     if (!nd_block_all(ok)) return;

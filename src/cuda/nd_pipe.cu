@@ -203,8 +203,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
       if (threadIdx.x == 0) nd_st_release_gpu(nd.lay, s);
     }
   }
-  ok =
-      nd_wait_all(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad, &code);
+  ok = nd_wait_all<true>(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad,
+                         &code);
   if (fuse && threadIdx.x == 0) ok = ok && nd_wait_block0(nd, nd.lay, s);
   if (tr) nd_trace(nd, 2, s, 1);
   if (!nd_block_all(ok)) return;
@@ -291,7 +291,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   /* ---- expanders: the plan as soon as the counts are in ---- */
   if (b == 0) {
     nd_send_counts(p, nd, pl, status_in, st, s);
-    ok = nd_wait_all(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad, &code);
+    ok = nd_wait_all<true>(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad,
+                           &code);
     if (!ok) return;
     nd_make_plan(p, nd, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap, call);
     __syncthreads();
@@ -321,7 +322,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
       const u64 *fin = nd_flag(nd, nd.local, W, DISCO_ND_DFLAG, q);
       ok = e == 0 ? nd_wait_block0(nd, &nd.sent[0], s)
            : h == H - 1
-               ? nd_wait(p, nd, fin, s, q, DISCO_ND_PHASE_DFLAG, call, &v)
+               ? nd_wait<true>(p, nd, fin, s, q, DISCO_ND_PHASE_DFLAG, call, &v)
                : nd_wait_either(p, nd, nd_flag(nd, nd.local, W, DISCO_ND_DPART + h, q),
                                 fin, 0, s, q, DISCO_ND_PHASE_DFLAG, call);
     }

@@ -24,6 +24,12 @@ __device__ __forceinline__ u64 nd_ld_acquire(const u64 *p) {
   return v;
 }
 
+__device__ __forceinline__ u64 nd_ld_relaxed(const u64 *p) {
+  u64 v;
+  asm volatile("ld.relaxed.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
 __device__ __forceinline__ void nd_st_release(u64 *p, u64 v) {
   asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
@@ -86,13 +92,29 @@ static __device__ int nd_peer_dead(const disco_kparams_t &p, const disco_nd_para
 
 /* Waits until flag's sequence (bits 8..) reaches want. Returns 1 with the
  * flag's value in *val, or 0 after latching TIMEOUT (or seeing the comm
- * dead). One thread. */
+ * dead). DeadFirst: the first poll also reads the peer's dead word, a
+ * relaxed load issued beside the flag's acquire load (no round trip of its
+ * own), so that a peer that gave up fails the wait even when its flag is
+ * here (a late rank must learn that the comm is dead: tests/gpu/test_nd.c
+ * "late dispatch"). The dispatch kernels wait this way (run 63: 32 tokens
+ * 1.3-1.8 us faster than a separate check first); the combine keeps the
+ * check in nd_wait_all (there the fused one cost 0.8 us at 128 K 8 and 4 at
+ * 512 K 8). One thread. */
+template <bool DeadFirst>
 static __device__ int nd_wait(const disco_kparams_t &p, const disco_nd_params_t &nd,
                               const u64 *flag, u64 want, int peer, int phase, u64 call,
                               u64 *val) {
   const u64 deadline = nd_now() + nd.timeout_ns;
   for (unsigned it = 0;; it++) {
+    const u64 dead =
+        DeadFirst && it == 0
+            ? nd_ld_relaxed(nd_flag(nd, nd.local, p.world, DISCO_ND_DEAD, peer))
+            : 0ull;
     const u64 v = nd_ld_acquire(flag);
+    if (DeadFirst && dead != 0ull) {
+      nd_give_up(p, nd, peer, DISCO_ND_PHASE_DEAD, call, 0);
+      return 0;
+    }
     if ((long long)((v >> 8) - want) >= 0) {
       *val = v;
       return 1;
@@ -134,7 +156,9 @@ static __device__ int nd_wait_either(const disco_kparams_t &p,
 /* The whole block waits for `kind` flags of every peer, one peer per thread
  * (polled in parallel: one flag's latency, not W - 1 in a row); 1 in every
  * thread when all arrived, 0 after a timeout or a dead peer. *bad: lowest
- * peer whose flag carries a failure status (-1 none), *code its status. */
+ * peer whose flag carries a failure status (-1 none), *code its status.
+ * DeadFirst: see nd_wait. */
+template <bool DeadFirst>
 static __device__ int nd_wait_all(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                   int kind, u64 want, int phase, u64 call, int *bad,
                                   int *code) {
@@ -148,15 +172,17 @@ static __device__ int nd_wait_all(const disco_kparams_t &p, const disco_nd_param
   /* Fail fast: a peer that gave up (even one whose flag is here: a late rank
    * must learn that the others have given up on the comm; tests/gpu/test_nd.c
    * "late dispatch", run 62 caught a version without this check). */
-  for (int q = threadIdx.x; q < p.world; q += blockDim.x)
-    if (q != p.rank && nd_peer_dead(p, nd, q, call)) atomicExch(&s_ok, 0);
-  __syncthreads();
+  if (!DeadFirst) {
+    for (int q = threadIdx.x; q < p.world; q += blockDim.x)
+      if (q != p.rank && nd_peer_dead(p, nd, q, call)) atomicExch(&s_ok, 0);
+    __syncthreads();
+  }
   const int alive = s_ok; /* shared writes below are atomics (racecheck-clean) */
   for (int q = threadIdx.x; alive && q < p.world; q += blockDim.x) {
     u64 v = 0;
     if (q == p.rank) continue;
-    if (!nd_wait(p, nd, nd_flag(nd, nd.local, p.world, kind, q), want, q, phase, call,
-                 &v)) {
+    if (!nd_wait<DeadFirst>(p, nd, nd_flag(nd, nd.local, p.world, kind, q), want, q,
+                            phase, call, &v)) {
       atomicExch(&s_ok, 0);
       break;
     }

@@ -2,7 +2,9 @@
  * One thread per GPU (ncclCommInitAll). Per rank: ncclMemAlloc + symmetric window +
  * ncclDevCommCreate; flag ping-pong rank 0 <-> each peer through LSA pointers; LSA
  * push all-to-all (own flags, and NCCL's LSA barrier for A/B) against grouped
- * ncclSend/ncclRecv of the same bytes. Every received byte is checked. */
+ * ncclSend/ncclRecv and copy-engine peer copies (cudaMemcpyPeerAsync, a stream per
+ * destination) of the same bytes. Every received byte is checked. LP_COPY=tma: the
+ * push stores through bulk copies from shared memory (probe.cu). */
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -17,10 +19,10 @@
 #endif
 
 #define LP_NSIZES 3
-#define LP_NMODES 3 /* LSA flags, LSA + NCCL barrier, ncclSend/ncclRecv */
+#define LP_NMODES 4 /* LSA flags, LSA + NCCL barrier, ncclSend/ncclRecv, copy engines */
 static const size_t lp_sizes[LP_NSIZES] = {1u << 20, 14u << 20, 64u << 20};
 static const char *const lp_mode_name[LP_NMODES] = {"lsa-push+flags", "lsa-push+ncclbar",
-                                                    "nccl send/recv"};
+                                                    "nccl send/recv", "ce memcpy peer"};
 
 typedef struct {
   int world, sms, threads, iters, warmup, pp_iters, ncclbar;
@@ -102,10 +104,29 @@ typedef struct {
   ncclComm_t comm;
   void *send, *recv;
   cudaEvent_t ev[2 * 64 + 2];
+  cudaStream_t ce[LP_MAXW]; /* copy-engine mode: a stream per destination */
+  cudaEvent_t fork, join[LP_MAXW];
 } lp_rank_t;
+
+static lp_rank_t g_ranks[LP_MAXW];
 
 /* One all-to-all of `bpp` bytes per peer in mode m. */
 static cudaError_t a2a_once(lp_rank_t *R, int m, size_t bpp, int check) {
+  if (m == 3) { /* cudaMemcpyPeerAsync into every peer's recv[rank], concurrently */
+    const int W = R->a.world, r = R->rank;
+    cudaError_t e = cudaEventRecord(R->fork, R->st);
+    for (int p = 0; p < W && e == cudaSuccess; ++p) {
+      e = cudaStreamWaitEvent(R->ce[p], R->fork, 0);
+      if (e == cudaSuccess)
+        e = cudaMemcpyPeerAsync((char *)g_ranks[p].recv + (size_t)r * bpp, p,
+                                (const char *)R->send + (size_t)p * bpp, r, bpp,
+                                R->ce[p]);
+      if (e == cudaSuccess) e = cudaEventRecord(R->join[p], R->ce[p]);
+      if (e == cudaSuccess) e = cudaStreamWaitEvent(R->st, R->join[p], 0);
+    }
+    (void)check;
+    return e;
+  }
   if (m == 2) {
     ncclResult_t r = ncclGroupStart();
     for (int p = 0; p < R->a.world && r == ncclSuccess; ++p) {
@@ -170,6 +191,18 @@ static void *rank_main(void *arg) {
   CK_CUDA(r, cudaSetDevice(r));
   CK_CUDA(r, cudaStreamCreateWithFlags(&R->st, cudaStreamNonBlocking));
   for (int i = 0; i < 2 * 64 + 2; ++i) CK_CUDA(r, cudaEventCreate(&R->ev[i]));
+  CK_CUDA(r, cudaEventCreateWithFlags(&R->fork, cudaEventDisableTiming));
+  for (int p = 0; p < W; ++p) {
+    CK_CUDA(r, cudaStreamCreateWithFlags(&R->ce[p], cudaStreamNonBlocking));
+    CK_CUDA(r, cudaEventCreateWithFlags(&R->join[p], cudaEventDisableTiming));
+    if (p != r) { /* direct peer copies (NCCL may have enabled it already) */
+      cudaError_t e = cudaDeviceEnablePeerAccess(p, 0);
+      if (e == cudaErrorPeerAccessAlreadyEnabled)
+        (void)cudaGetLastError();
+      else
+        CK_CUDA(r, e);
+    }
+  }
   /* Zeroed before registration: no peer can see stale flags (design §2.3). */
   CK_NCCL(r, ncclMemAlloc(&buf, win_bytes));
   CK_CUDA(r, cudaMemset(buf, 0, win_bytes));
@@ -243,7 +276,7 @@ static void *rank_main(void *arg) {
   if (r == 0) print_header();
   /* ---- all-to-all ---------------------------------------------------------------- */
   /* The NCCL barrier variant last: its wait is unbounded. */
-  static const int mode_order[LP_NMODES] = {0, 2, 1};
+  static const int mode_order[LP_NMODES] = {0, 2, 3, 1};
   for (int mi = 0; mi < LP_NMODES; ++mi) {
     const int m = mode_order[mi];
     if (m == 1 && !g_opt.ncclbar) continue;
@@ -272,7 +305,7 @@ static void *rank_main(void *arg) {
       CK_CUDA(r, cudaEventElapsedTime(&ms, R->ev[0], R->ev[2 * g_opt.iters - 1]));
       tot = 1e3 * ms;
       /* Checked call: clear the landing zone everywhere first. */
-      void *land = m == 2 ? R->recv : (char *)buf + LP_OFF_DATA;
+      void *land = m >= 2 ? R->recv : (char *)buf + LP_OFF_DATA;
       CK_CUDA(r, cudaMemset(land, 0, max_total));
       CK_CUDA(r, cudaMemset(R->a.bad, 0, sizeof(unsigned long long)));
       CK_CUDA(r, cudaMemset(R->a.bad + 1, 0xff, sizeof(unsigned long long)));
@@ -280,7 +313,11 @@ static void *rank_main(void *arg) {
       CK_CUDA(r, cudaDeviceSynchronize());
       if (sync_all()) return NULL;
       CK_CUDA(r, a2a_once(R, m, bpp, 1));
-      if (m == 2) CK_CUDA(r, lp_launch_verify(&R->a, R->recv, bpp, R->st));
+      if (m == 3) { /* the peers' copies into our recv are done too */
+        CK_CUDA(r, cudaStreamSynchronize(R->st));
+        if (sync_all()) return NULL;
+      }
+      if (m >= 2) CK_CUDA(r, lp_launch_verify(&R->a, R->recv, bpp, R->st));
       CK_CUDA(r, cudaStreamSynchronize(R->st));
       if (check_err(r, R->a.err, lp_mode_name[m])) {
         sync_all();
@@ -315,6 +352,11 @@ static void *rank_main(void *arg) {
   CK_CUDA(r, cudaFree(R->send));
   CK_CUDA(r, cudaFree(R->recv));
   for (int i = 0; i < 2 * 64 + 2; ++i) CK_CUDA(r, cudaEventDestroy(R->ev[i]));
+  for (int p = 0; p < W; ++p) {
+    CK_CUDA(r, cudaStreamDestroy(R->ce[p]));
+    CK_CUDA(r, cudaEventDestroy(R->join[p]));
+  }
+  CK_CUDA(r, cudaEventDestroy(R->fork));
   CK_CUDA(r, cudaStreamDestroy(R->st));
   CK_NCCL(r, ncclCommDestroy(R->comm));
   return NULL;
@@ -332,7 +374,8 @@ static void usage(FILE *f) {
       "  --warmup N    untimed calls first, default 5\n"
       "  --pp-iters N  ping-pong round trips per peer, default 1000\n"
       "  --timeout-ms  bound of every device wait, default 2000\n"
-      "  --no-ncclbar  skip the ncclLsaBarrierSession variant (its wait is unbounded)\n",
+      "  --no-ncclbar  skip the ncclLsaBarrierSession variant (its wait is unbounded)\n"
+      "environment: LP_COPY=tma  push with bulk (TMA) stores from shared memory\n",
       LP_MAXB);
 }
 
@@ -440,7 +483,7 @@ int main(int argc, char **argv) {
     return 1;
   }
   pthread_barrier_init(&g_bar, NULL, (unsigned)W);
-  static lp_rank_t ranks[LP_MAXW];
+  lp_rank_t *ranks = g_ranks;
   pthread_t th[LP_MAXW];
   for (int i = 0; i < W; ++i) {
     ranks[i].rank = i;

@@ -202,9 +202,42 @@ __device__ __forceinline__ void lp_copy(uint4 *__restrict__ dst,
   for (; i < hi; i += step) dst[i] = __ldg(src + i);
 }
 
+/* LP_COPY=tma: the block stages chunks of LP_TMA_CHUNK bytes in shared memory
+ * (plain loads) and one thread stores each with a bulk copy (the TMA engine),
+ * LP_TMA_STAGES chunks in flight: do bulk stores reach more of NVLink than
+ * 16-byte stores from every thread, or the same with fewer SMs? */
+#define LP_TMA_CHUNK 16384
+#define LP_TMA_STAGES 6
+__device__ __forceinline__ void lp_copy_tma(uint4 *__restrict__ dst,
+                                            const uint4 *__restrict__ src, size_t lo,
+                                            size_t hi, uint4 *sm, unsigned *nchunk) {
+  const size_t c16 = LP_TMA_CHUNK / 16;
+  for (size_t c = lo; c < hi; c += c16) {
+    const unsigned stage = *nchunk % LP_TMA_STAGES;
+    const size_t n = hi - c < c16 ? hi - c : c16;
+    uint4 *buf = sm + stage * c16;
+    if (threadIdx.x == 0 && *nchunk >= LP_TMA_STAGES)
+      asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(LP_TMA_STAGES - 1) : "memory");
+    __syncthreads(); /* the stage's previous bulk store has read it */
+    for (size_t i = threadIdx.x; i < n; i += blockDim.x) buf[i] = __ldg(src + c + i);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      asm volatile(
+          "cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst + c),
+          "r"((unsigned)__cvta_generic_to_shared(buf)), "r"((unsigned)(n * 16))
+          : "memory");
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    }
+    ++*nchunk;
+  }
+}
+
 __global__ void __launch_bounds__(1024)
     lp_push_kernel(ncclDevComm dc, ncclWindow_t win, lp_args_t a, const uint4 *send,
-                   size_t n16, int mode, int check) {
+                   size_t n16, int mode, int check, int tma) {
+  extern __shared__ uint4 lp_tma_buf[];
+  unsigned nchunk = 0;
   __shared__ uint4 *dst_base[LP_MAXW];
   __shared__ u64 seq_s, t0_s;
   const int W = a.world, me = a.rank, b = blockIdx.x, B = gridDim.x;
@@ -223,7 +256,16 @@ __global__ void __launch_bounds__(1024)
   const size_t lo = n16 * b / B, hi = n16 * (b + 1) / B;
   for (int k = 1; k <= W; ++k) { /* peers first, own slot last */
     const int d = (me + k) % W;
-    lp_copy(dst_base[d], send + (size_t)d * n16, lo, hi);
+    if (tma)
+      lp_copy_tma(dst_base[d], send + (size_t)d * n16, lo, hi, lp_tma_buf, &nchunk);
+    else
+      lp_copy(dst_base[d], send + (size_t)d * n16, lo, hi);
+  }
+  if (tma) { /* the bulk stores are done (written), then the generic proxy's flag */
+    if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    asm volatile("fence.proxy.async.global;" ::: "memory");
+    __threadfence_system();
+    __syncthreads();
   }
   if (mode == LP_MODE_NCCLBAR) {
 #ifndef LP_COMPAT
@@ -270,8 +312,16 @@ extern "C" cudaError_t lp_launch_push(const lp_dev_t *d, const lp_args_t *a,
                                       const void *send, size_t bytes_per_peer,
                                       int nblocks, int nthreads, int mode, int check,
                                       cudaStream_t st) {
-  lp_push_kernel<<<nblocks, nthreads, 0, st>>>(d->dc, d->win, *a, (const uint4 *)send,
-                                               bytes_per_peer / 16, mode, check);
+  const char *cp = getenv("LP_COPY");
+  const int tma = cp && !strcmp(cp, "tma");
+  const size_t smem = tma ? (size_t)LP_TMA_CHUNK * LP_TMA_STAGES : 0;
+  if (tma) {
+    cudaError_t e = cudaFuncSetAttribute(
+        lp_push_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (e != cudaSuccess) return e;
+  }
+  lp_push_kernel<<<nblocks, nthreads, smem, st>>>(d->dc, d->win, *a, (const uint4 *)send,
+                                                  bytes_per_peer / 16, mode, check, tma);
   return cudaGetLastError();
 }
 
