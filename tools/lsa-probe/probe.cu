@@ -217,7 +217,8 @@ __device__ __forceinline__ void lp_copy_tma(uint4 *__restrict__ dst,
     const size_t n = hi - c < c16 ? hi - c : c16;
     uint4 *buf = sm + stage * c16;
     if (threadIdx.x == 0 && *nchunk >= LP_TMA_STAGES)
-      asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(LP_TMA_STAGES - 1) : "memory");
+      asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(LP_TMA_STAGES - 1)
+                   : "memory");
     __syncthreads(); /* the stage's previous bulk store has read it */
     for (size_t i = threadIdx.x; i < n; i += blockDim.x) buf[i] = __ldg(src + c + i);
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
