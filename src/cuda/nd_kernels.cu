@@ -140,8 +140,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     /* EXPERT_MAJOR, K <= 32: tickets of rows, their metadata read once and
      * all in flight at once (nd_expand_batch) */
     if (!warp && !rank_major && p.top_k <= 32 && !(nd.tune & DISCO_ND_TUNE_ROW_EXPAND))
-      nd_expand_batch(p, nd, pl, x, R, nb, &nd.ctr[DISCO_ND_CTR_EXPAND], recv_x, src_rank,
-                      src_token, expert, weight);
+      nd_expand_batch<ND_XU>(p, nd, pl, x, 0, R, nb, &nd.ctr[DISCO_ND_CTR_EXPAND], recv_x,
+                             src_rank, src_token, expert, weight);
     else
       nd_expand_range<false>(p, nd, pl, x, 0, R, nb, warp, &nd.ctr[DISCO_ND_CTR_EXPAND],
                              nd.expand_items, rank_major, recv_x, src_rank, src_token,

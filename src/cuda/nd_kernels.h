@@ -134,6 +134,9 @@ typedef struct disco_nd_params {
 /* The small dispatch's block expand a row (or piece) per ticket, one row's
  * loads in flight (the code before run 58) */
 #define DISCO_ND_TUNE_ROW_EXPAND 8192
+/* The pipelined dispatch's block expand a row (or piece) per ticket (the
+ * code before session 9) */
+#define DISCO_ND_TUNE_ROW_EXPAND_PIPE 16384
 
 /* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c);
  * kinds: dispatch, combine, pipelined dispatch, pipelined combine. Slots

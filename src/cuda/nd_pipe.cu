@@ -337,9 +337,18 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                      (n >= (long long)nx * (DISCO_ND_THREADS / 32) ||
                       (nd.tune & DISCO_ND_TUNE_FORCE_WARP));
     const nd_chunks cw = {q, first, s, call};
-    nd_expand_range<true>(p, nd, pl, x, first + lo, n, nx, warp,
-                          &nd.ctr[DISCO_ND_CTR_SRC(W, q, h)], 4, rank_major, recv_x,
-                          src_rank, src_token, expert, weight, chunked ? &cw : NULL);
+    unsigned long long *ctr = &nd.ctr[DISCO_ND_CTR_SRC(W, q, h)];
+    /* Block mode, whole source in: tickets of up to 4 rows, metadata read
+     * once, 8 loads in flight (nd_expand_batch), as in the small kernel.
+     * The last source's expand is the dispatch's tail. */
+    if (!warp && !chunked && !rank_major && p.top_k <= 32 &&
+        !(nd.tune & DISCO_ND_TUNE_ROW_EXPAND_PIPE))
+      nd_expand_batch<ND_XU_PIPE>(p, nd, pl, x, first + lo, n, nx, ctr, recv_x, src_rank,
+                                  src_token, expert, weight);
+    else
+      nd_expand_range<true>(p, nd, pl, x, first + lo, n, nx, warp, ctr, 4, rank_major,
+                            recv_x, src_rank, src_token, expert, weight,
+                            chunked ? &cw : NULL);
   }
   /* a chunk wait that timed out stopped its worker: no pads, no acks */
   if (!nd_block_all(!nd_dead(nd))) return;

@@ -300,8 +300,10 @@ __device__ void nd_expand_range(const disco_kparams_t &p, const disco_nd_params_
   }
 }
 
-/* The small dispatch's expand, EXPERT_MAJOR, K <= 32, block workers:
- * tickets of G consecutive received rows (G = ceil(R / nb), at most ND_XG).
+/* Expands received rows [first, first + n), EXPERT_MAJOR, K <= 32, block
+ * workers (the small dispatch's rows, all at once; the pipelined one's, a
+ * source at a time): tickets of G consecutive rows (G = ceil(n / nb), at
+ * most ND_XG).
  * Warp g reads row g's metadata once (a lane per local slot), finds the
  * destinations from the sources' offsets, staged per block in shared
  * memory, and writes the row's metadata outputs from registers; then the
@@ -310,14 +312,16 @@ __device__ void nd_expand_range(const disco_kparams_t &p, const disco_nd_params_
  * a chain of ~10 dependent loads per row with a few KB in flight (run 61
  * trace, 128 tokens K 8: 15 us of expand after the last flag). */
 #define ND_XG 4
-#define ND_XU 8
+#define ND_XU 8 /* loads in flight per thread in the small kernel */
+/* ... in the pipelined kernel, whose other paths hold more registers: 8
+ * spilled ~1 KB more per thread there, 4 ~110 bytes */
+#define ND_XU_PIPE 4
 #define ND_XSB 512 /* int64 of srcbase and recv_off staged per block */
-static __device__ void nd_expand_batch(const disco_kparams_t &p,
-                                       const disco_nd_params_t &nd,
-                                       const disco_dev_plan_t &pl, const uint4 *x,
-                                       long long R, int nb, unsigned long long *ctr,
-                                       uint4 *recv_x, int *src_rank, int *src_token,
-                                       int *expert, float *weight) {
+template <int U>   /* loads in flight per thread */
+static __device__ void nd_expand_batch(
+    const disco_kparams_t &p, const disco_nd_params_t &nd, const disco_dev_plan_t &pl,
+    const uint4 *x, long long first, long long R, int nb, unsigned long long *ctr,
+    uint4 *recv_x, int *src_rank, int *src_token, int *expert, float *weight) {
   __shared__ const uint4 *xs[ND_XG];
   __shared__ uint4 *xd[ND_XG][32]; /* K <= 32 */
   __shared__ int xn[ND_XG];
@@ -340,7 +344,7 @@ static __device__ void nd_expand_batch(const disco_kparams_t &p,
     const long long i0 = it * G;
     const int m = R - i0 < G ? (int)(R - i0) : G;
     if (warp < m) {
-      const long long i = i0 + warp;
+      const long long i = first + i0 + warp;
       const int s = disco_source_in(ro, W, i);
       const long long slot = (long long)s * M + (i - ro[s]);
       const int *meta = (const int *)(nd.local + nd.off_meta) + slot * p.meta_ints;
@@ -375,15 +379,15 @@ static __device__ void nd_expand_batch(const disco_kparams_t &p,
     }
     __syncthreads(); /* xs, xd, xn are set */
     const int tot = m * nv;
-    for (int f0 = threadIdx.x; f0 < tot; f0 += ND_XU * S) {
-      uint4 v[ND_XU];
+    for (int f0 = threadIdx.x; f0 < tot; f0 += U * S) {
+      uint4 v[U];
 #pragma unroll
-      for (int u = 0; u < ND_XU; u++) {
+      for (int u = 0; u < U; u++) {
         const int f = f0 + u * S, g = f / nv;
         if (f < tot) v[u] = __ldcg(xs[g] + (f - g * nv));
       }
 #pragma unroll
-      for (int u = 0; u < ND_XU; u++) {
+      for (int u = 0; u < U; u++) {
         const int f = f0 + u * S, g = f / nv;
         if (f < tot)
           for (int q = 0; q < xn[g]; q++) xd[g][q][f - g * nv] = v[u];
