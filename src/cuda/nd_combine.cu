@@ -176,9 +176,11 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   const long long R = pl.recv_off[W];
   /* chunk flags when the owners are likely to fold as they land: about what
    * a rank receives when its peers have cpipe_min tokens each (a token goes
-   * to half the ranks) */
-  const int chunks =
-      2 * R >= (long long)W * nd.cpipe_min && !(nd.tune & DISCO_ND_TUNE_NO_CPIPE);
+   * to half the ranks), or half that when this rank pipelines by its rows
+   * (cpipe 2: its peers, alike, probably do too) */
+  const int chunks = (2 * R >= (long long)W * nd.cpipe_min ||
+                      (cpipe == 2 && 4 * R >= (long long)W * nd.cpipe_min)) &&
+                     !(nd.tune & DISCO_ND_TUNE_NO_CPIPE);
   const u64 cv = c << 8 | (u64)(st & 255);
   /* Test hook: rank 0 stores its own partials late (see dispatch). */
   const int late = nd.test_self_delay_ns != 0ull && r == 0;
