@@ -246,13 +246,9 @@ extern "C" cudaError_t disco_nd_k_dispatch(const disco_kparams_t *p,
   if (recv > work) work = recv;
   const int grid = nd_grid(nd, work);
   const long long kw = p->top_k < p->world ? p->top_k : p->world;
-  /* Pipelined from pipe_min tokens, or from half as many when they bring
-   * 2 x pipe_min rows (run 66: 512 tokens K 8 125.0 -> 119.5-121.5 us; K 1
-   * 48.8 -> 66-68, so not by tokens alone) */
-  const int pipe =
-      rows && status == 0 &&
-      (T >= nd->pipe_min || (2ll * T >= nd->pipe_min && T * kw >= 2ll * nd->pipe_min)) &&
-      grid >= 2 && !(nd->tune & DISCO_ND_TUNE_NO_PIPE);
+  const int pipe = rows && status == 0 &&
+                   disco_nd_pipe_mode(T, p->top_k, p->world, nd->pipe_min) != 0 &&
+                   grid >= 2 && !(nd->tune & DISCO_ND_TUNE_NO_PIPE);
   /* The layout in the kernel's first blocks: one block of tokens for the
    * plain kernel (block 0 alone waits for the acks meanwhile), any number
    * up to the grid for the pipelined one. */
@@ -288,15 +284,10 @@ extern "C" cudaError_t disco_nd_k_combine(const disco_kparams_t *p,
   long long yr = (long long)y_rows;
   int wt = weighted, w32 = wire32 && p->dtype != DISCO_DTYPE_FP32, rm = rank_major;
   int stt = status, T = (int)num_tokens;
-  /* many tokens: fold each as its partials land (nd_combine.cu); 2: from
-   * half of cpipe_min tokens when they bring 2 x cpipe_min partial rows
-   * (run 66: 1024 tokens K 8 170.0 / 171.1 -> 164.7 / 166.0 us; K 1 +1 us,
-   * hence not by tokens alone) */
-  const long long kw = p->top_k < p->world ? p->top_k : p->world;
-  int cpipe = (nd->tune & DISCO_ND_TUNE_NO_CPIPE)                         ? 0
-              : T >= nd->cpipe_min                                        ? 1
-              : 2ll * T >= nd->cpipe_min && T * kw >= 2ll * nd->cpipe_min ? 2
-                                                                          : 0;
+  /* many tokens: fold each as its partials land (nd_combine.cu) */
+  int cpipe = (nd->tune & DISCO_ND_TUNE_NO_CPIPE)
+                  ? 0
+                  : disco_nd_pipe_mode(T, p->top_k, p->world, nd->cpipe_min);
   uint4 *o = (uint4 *)out;
   void *args[] = {&kp, &ndp, &plan, &yv, &yr, &wt, &w32, &rm, &stt, &o, &T, &cpipe};
   const long long work = (long long)p->world * (long long)(T > 0 ? T : 1);

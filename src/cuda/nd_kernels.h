@@ -17,6 +17,19 @@
 
 #include "cuda/kernels.h"
 
+/* Whether a call of T tokens takes the pipelined kernel, given its token
+ * threshold (pipe_min for dispatch, cpipe_min for combine): 1 from min
+ * tokens, 2 from half as many when T x min(K, W) is at least 2 x min (their
+ * rows, not their count, make the pipeline pay: run 66, 512 tokens K 8
+ * dispatch -4.5 us but K 1 +17 us; 1024 K 8 combine -5 us, K 1 +1), else 0.
+ * The combine's expert side sends chunk flags from half as many rows in
+ * mode 2 (nd_combine.cu). tests/unit/test_pipe_mode.c. */
+static DISCO_HD int disco_nd_pipe_mode(long long T, int K, int W, int min_tokens) {
+  const long long kw = K < W ? K : W;
+  if (T >= min_tokens) return 1;
+  return 2 * T >= min_tokens && T * kw >= 2ll * min_tokens ? 2 : 0;
+}
+
 #ifdef __cplusplus
 extern "C" {
 #endif
