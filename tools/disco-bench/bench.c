@@ -167,6 +167,20 @@ static disco_result_t op_plain(rank_ctx_t *c, void *arg) {
   return DISCO_SUCCESS;
 }
 
+/* The LSA push of the same bytes (--lsa); `off` is set when the comm cannot
+ * (every rank alike, on the first call). */
+typedef struct lsa_ctx {
+  const size_t *send_bytes;
+  const void *sbuf;
+  int off;
+} lsa_ctx_t;
+
+static disco_result_t op_lsa(rank_ctx_t *c, void *arg) {
+  lsa_ctx_t *l = arg;
+  if (!l->off) l->off = c->d->lsa_exchange(c, l->send_bytes, l->sbuf);
+  return DISCO_SUCCESS;
+}
+
 /* Fills the world's input slots this rank needs. */
 static void make_inputs(rank_ctx_t *c, const bench_case_t *bc) {
   world_t *wd = c->wd;
@@ -319,6 +333,18 @@ static void plain_baseline(rank_ctx_t *c, const bench_case_t *bc, dev_bufs_t *b,
   o.send_bytes = cb_s;
   o.recv_bytes = cb_r;
   res->plain_comb_us = timed_loop(c, "plain combine exchange", op_plain, &o, graph);
+  if (c->opt->lsa && c->d->lsa_exchange != NULL) {
+    lsa_ctx_t l = {db_s, b->plain_s, 0};
+    const double d_us = timed_loop(c, "lsa push, dispatch bytes", op_lsa, &l, graph);
+    c->d->lsa_check(c);
+    l.send_bytes = cb_s;
+    const double c_us = timed_loop(c, "lsa push, combine bytes", op_lsa, &l, graph);
+    c->d->lsa_check(c);
+    if (!l.off) {
+      res->lsa_disp_us = d_us;
+      res->lsa_comb_us = c_us;
+    }
+  }
   free(db_s);
   free(db_r);
   free(cb_s);
@@ -348,6 +374,7 @@ void bench_case_run(rank_ctx_t *c, const bench_case_t *bc, rank_result_t *res) {
   memset(&o, 0, sizeof(o));
   memset(res, 0, sizeof(*res));
   res->plain_disp_us = res->plain_comb_us = -1.0;
+  res->lsa_disp_us = res->lsa_comb_us = -1.0;
   res->wrong_disp = res->wrong_comb = -1;
 
   make_inputs(c, bc);

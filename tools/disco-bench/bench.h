@@ -73,6 +73,7 @@ typedef struct options {
   int weighted;     /* dispatch with topk_weights and a weighted combine */
   int graph;        /* time CUDA graph replays of each call (GPU backends) */
   int back_to_back; /* timed iterations queued without sync or barrier between */
+  int lsa;          /* also time the LSA push of the same bytes (--lsa) */
   int timeout_ms;
   int64_t corrupt; /* testing aid: flip bits in this many received elements */
   const char *json_path;
@@ -99,6 +100,8 @@ typedef struct rank_result {
   double comb_us;
   double plain_disp_us; /* < 0: no plain baseline */
   double plain_comb_us;
+  double lsa_disp_us; /* < 0: no LSA push timed */
+  double lsa_comb_us;
   int64_t disp_bytes; /* bytes received in dispatch, own tokens included */
   int64_t comb_bytes; /* bytes sent in combine (same rows) */
   int64_t recv_rows;  /* num_recv_rows as returned */
@@ -115,6 +118,7 @@ typedef struct case_result {
   double disp_us, comb_us;             /* max over ranks of the per-rank medians */
   double disp_gbps, comb_gbps;         /* that slowest rank's bytes / its time */
   double plain_disp_us, plain_comb_us; /* < 0: none */
+  double lsa_disp_us, lsa_comb_us;     /* < 0: none */
   int64_t wrong;                       /* -1: not checked */
   rank_result_t *per_rank;             /* [world], owned */
 } case_result_t;
@@ -178,6 +182,12 @@ typedef struct dev_ops {
   void *(*graph_capture)(rank_ctx_t *c, op_fn fn, void *arg);
   void (*graph_launch)(rank_ctx_t *c, void *graph);
   void (*graph_free)(rank_ctx_t *c, void *graph);
+  /* The same per-peer bytes pushed by SM stores into the peers' symmetric
+   * windows (--lsa; NULL: not built). Returns 0, or 1 when the push is not
+   * possible on this communicator (every rank alike). */
+  int (*lsa_exchange)(rank_ctx_t *c, const size_t *send_bytes, const void *sbuf);
+  /* After a timed loop of lsa_exchange: fails the run if a flag timed out. */
+  void (*lsa_check)(rank_ctx_t *c);
 } dev_ops_t;
 
 struct rank_ctx {
@@ -231,6 +241,7 @@ void expert_outputs(const bench_case_t *bc, int world, int rank, int64_t rows,
 void bench_case_run(rank_ctx_t *c, const bench_case_t *bc, rank_result_t *res);
 
 /* ---- output.c ---- */
+/* plain: 1 = the plain NCCL columns, 3 = those and the LSA push's (--lsa) */
 void output_header(FILE *f, const options_t *opt, int world, int plain);
 /* show_backend: a backend column (when --backend lists several). */
 void output_row(FILE *f, const case_result_t *r, int plain, int show_backend);

@@ -273,6 +273,8 @@ const dev_ops_t host_dev_ops = {
     NULL,
     NULL,
     NULL,
+    NULL,
+    NULL,
 };
 
 static int host_dev_init(rank_ctx_t *c, backend_kind_t backend, local_shared_t *ls) {

@@ -9,6 +9,9 @@
 
 #include "bench.h"
 #include "disco_nccl.h"
+#ifdef DISCO_BENCH_LSA
+#include "lsa_push.h"
+#endif
 
 #ifdef DISCO_HAVE_MPI
 #include <mpi.h>
@@ -25,6 +28,10 @@ typedef struct cuda_dev {
    * (NCCL's zero-copy path) instead of the case's cudaMalloc ones. */
   void *reg_buf[2], *reg_handle[2];
   size_t reg_bytes[2];
+#ifdef DISCO_BENCH_LSA
+  bench_lsa_t *lsa; /* --lsa: the push's window, made at first use */
+  int lsa_off;      /* 1: not possible on this communicator */
+#endif
 } cuda_dev_t;
 
 #define CUDA_OK(c, call)                                                           \
@@ -152,6 +159,50 @@ static void cuda_plain(rank_ctx_t *c, const size_t *send_bytes, const void *sbuf
   NCCL_OK(c, ncclGroupEnd());
 }
 
+#ifdef DISCO_BENCH_LSA
+/* Slot bytes every rank computes alike from the options: a peer sends at
+ * most its tokens' rows to one destination, 4 bytes an element at most
+ * (the fp32 combine wire). */
+static size_t lsa_slot_bytes(const options_t *o) {
+  int64_t t = 1, h = 1;
+  for (int i = 0; i < o->n_tokens; i++)
+    if (o->tokens[i] > t) t = o->tokens[i];
+  for (int i = 0; i < o->n_hidden; i++)
+    if (o->hidden[i] > h) h = o->hidden[i];
+  return (size_t)t * (size_t)h * 4u;
+}
+
+static int cuda_lsa(rank_ctx_t *c, const size_t *send_bytes, const void *sbuf) {
+  cuda_dev_t *cd = c->dstate;
+  if (cd->lsa_off) return 1;
+  if (cd->lsa == NULL) { /* collective: every rank gets here in the same case */
+    char err[256] = "";
+    const int rc = bench_lsa_create(
+        cd->nccl, c->world, c->rank, lsa_slot_bytes(c->opt),
+        (unsigned long long)(c->opt->timeout_ms > 0 ? c->opt->timeout_ms : 10000) *
+            1000000ull,
+        &cd->lsa, err, sizeof(err));
+    if (rc < 0) fail_msg(c, "--lsa: %s", err);
+    if (rc > 0) {
+      cd->lsa_off = 1;
+      return 1;
+    }
+  }
+  CUDA_OK(c, bench_lsa_push(cd->lsa, send_bytes, sbuf, cd->stream));
+  return 0;
+}
+
+static void cuda_lsa_check(rank_ctx_t *c) {
+  cuda_dev_t *cd = c->dstate;
+  if (cd->lsa == NULL) return;
+  const int q = bench_lsa_failed(cd->lsa, cd->stream);
+  if (q < 0) fail_msg(c, "--lsa: reading the push's state failed");
+  if (q > 0)
+    fail_msg(c, "--lsa: peer %d's flag did not arrive within %d ms", q - 1,
+             c->opt->timeout_ms);
+}
+#endif
+
 static void *cuda_graph_capture(rank_ctx_t *c, op_fn fn, void *arg) {
   cuda_dev_t *cd = c->dstate;
   cudaGraph_t g = NULL;
@@ -191,6 +242,13 @@ static const dev_ops_t cuda_dev_ops = {
     cuda_graph_capture,
     cuda_graph_launch,
     cuda_graph_free,
+#ifdef DISCO_BENCH_LSA
+    cuda_lsa,
+    cuda_lsa_check,
+#else
+    NULL,
+    NULL,
+#endif
 };
 
 /* Per-rank device state; the NCCL communicator already exists. */
@@ -224,6 +282,9 @@ static void cuda_rank_fini(rank_ctx_t *c) {
   }
   free(cd->ev_begin);
   free(cd->ev_end);
+#ifdef DISCO_BENCH_LSA
+  if (cd->lsa != NULL) bench_lsa_destroy(cd->nccl, cd->lsa); /* collective */
+#endif
   for (int i = 0; i < 2; i++)
     if (cd->reg_buf[i] != NULL) {
       cudaDeviceSynchronize();

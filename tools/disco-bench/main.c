@@ -54,6 +54,9 @@ static const char usage_text[] =
     "                        the plain exchange too) instead of the calls\n"
     "      --back-to-back    time iterations issued back to back, no sync or barrier\n"
     "                        between them (as the DeepEP/NCCL EP figures were taken)\n"
+    "      --lsa             also time the same per-peer bytes pushed by SM stores\n"
+    "                        into the peers' NCCL symmetric windows (GPU backends,\n"
+    "                        one NVLink domain): the device path's ceiling\n"
     "  -j, --json FILE       also write the results as a JSON array\n"
     "  -s, --seed N          input seed                 (default 1)\n"
     "      --timeout-ms N    disco config timeout_ms    (default 0 = library's)\n"
@@ -185,6 +188,7 @@ enum {
   OPT_NO_CHECK,
   OPT_GRAPH,
   OPT_BACK_TO_BACK,
+  OPT_LSA,
   OPT_INDEX,
   OPT_UNWEIGHTED,
   OPT_TIMEOUT,
@@ -215,6 +219,7 @@ static void parse_options(int argc, char **argv, options_t *o) {
       {"no-check", no_argument, NULL, OPT_NO_CHECK},
       {"graph", no_argument, NULL, OPT_GRAPH},
       {"back-to-back", no_argument, NULL, OPT_BACK_TO_BACK},
+      {"lsa", no_argument, NULL, OPT_LSA},
       {"json", required_argument, NULL, 'j'},
       {"seed", required_argument, NULL, 's'},
       {"timeout-ms", required_argument, NULL, OPT_TIMEOUT},
@@ -381,6 +386,9 @@ static void parse_options(int argc, char **argv, options_t *o) {
       case OPT_BACK_TO_BACK:
         o->back_to_back = 1;
         break;
+      case OPT_LSA:
+        o->lsa = 1;
+        break;
       case 'j':
         if (!*optarg) usage_error("--json: empty file name");
         o->json_path = optarg;
@@ -430,6 +438,7 @@ static void summarize(case_result_t *cr, const bench_case_t *bc, int world,
   cr->c = *bc;
   cr->world = world;
   cr->plain_disp_us = cr->plain_comb_us = -1.0;
+  cr->lsa_disp_us = cr->lsa_comb_us = -1.0;
   cr->wrong = check ? 0 : -1;
   for (int r = 0; r < world; r++) {
     const rank_result_t *x = &all[r];
@@ -437,6 +446,8 @@ static void summarize(case_result_t *cr, const bench_case_t *bc, int world,
     if (x->comb_us > all[cr->slow_comb_rank].comb_us) cr->slow_comb_rank = r;
     if (x->plain_disp_us > cr->plain_disp_us) cr->plain_disp_us = x->plain_disp_us;
     if (x->plain_comb_us > cr->plain_comb_us) cr->plain_comb_us = x->plain_comb_us;
+    if (x->lsa_disp_us > cr->lsa_disp_us) cr->lsa_disp_us = x->lsa_disp_us;
+    if (x->lsa_comb_us > cr->lsa_comb_us) cr->lsa_comb_us = x->lsa_comb_us;
     if (check)
       cr->wrong += (x->wrong_disp > 0 ? x->wrong_disp : 0) +
                    (x->wrong_comb > 0 ? x->wrong_comb : 0);
@@ -465,7 +476,8 @@ static void record_row(rank_ctx_t *c, const case_result_t *cr, const rank_result
 
 void rank_main(rank_ctx_t *c) {
   const options_t *o = c->opt;
-  const int plain = c->d->plain_exchange != NULL;
+  const int plain =
+      (c->d->plain_exchange != NULL) | (o->lsa && c->d->lsa_exchange != NULL ? 2 : 0);
   rank_result_t *all = NULL;
   int index = 0;
   char why[160];

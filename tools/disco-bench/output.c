@@ -51,6 +51,10 @@ void output_header(FILE *f, const options_t *o, int world, int plain) {
     fprintf(f,
             "# nccl_*: grouped ncclSend/ncclRecv of the same per-peer bytes; x = disco /"
             " nccl time\n");
+  if (plain & 2)
+    fprintf(f,
+            "# lsa_*: the same per-peer bytes stored by SM threads into the peers' NCCL"
+            " windows, one flag each\n");
   fprintf(f, "#\n");
   fprintf(f, "#");
   if (o->n_backends > 1) fprintf(f, " %-11s", "backend");
@@ -59,6 +63,7 @@ void output_header(FILE *f, const options_t *o, int world, int plain) {
           "comb_us", "disp_GB/s", "comb_GB/s");
   if (plain)
     fprintf(f, " %10s %10s %7s %7s", "nccl_d_us", "nccl_c_us", "disp_x", "comb_x");
+  if (plain & 2) fprintf(f, " %10s %10s", "lsa_d_us", "lsa_c_us");
   fprintf(f, " %8s\n", "#wrong");
   fflush(f);
 }
@@ -77,6 +82,12 @@ void output_row(FILE *f, const case_result_t *r, int plain, int show_backend) {
               r->disp_us / r->plain_disp_us, r->comb_us / r->plain_comb_us);
     else
       fprintf(f, " %10s %10s %7s %7s", "-", "-", "-", "-");
+  }
+  if (plain & 2) {
+    if (r->lsa_disp_us > 0 && r->lsa_comb_us > 0)
+      fprintf(f, " %10.1f %10.1f", r->lsa_disp_us, r->lsa_comb_us);
+    else
+      fprintf(f, " %10s %10s", "-", "-");
   }
   if (r->wrong < 0)
     fprintf(f, " %8s\n", "-");
@@ -166,6 +177,10 @@ int output_json(const char *path, const options_t *o, const machine_info_t *m,
     json_num(f, r->plain_disp_us);
     fputs(", \"nccl_combine_us\": ", f);
     json_num(f, r->plain_comb_us);
+    fputs(", \"lsa_dispatch_us\": ", f);
+    json_num(f, r->lsa_disp_us);
+    fputs(", \"lsa_combine_us\": ", f);
+    json_num(f, r->lsa_comb_us);
     fputs(", \"dispatch_ratio\": ", f);
     json_num(f, r->plain_disp_us > 0 ? r->disp_us / r->plain_disp_us : -1.0);
     fputs(", \"combine_ratio\": ", f);
@@ -189,6 +204,10 @@ int output_json(const char *path, const options_t *o, const machine_info_t *m,
       json_num(f, p->plain_disp_us);
       fputs(", \"nccl_combine_us\": ", f);
       json_num(f, p->plain_comb_us);
+      fputs(", \"lsa_dispatch_us\": ", f);
+      json_num(f, p->lsa_disp_us);
+      fputs(", \"lsa_combine_us\": ", f);
+      json_num(f, p->lsa_comb_us);
       fprintf(
           f, ", \"dispatch_bytes\": %lld, \"combine_bytes\": %lld, \"recv_rows\": %lld",
           (long long)p->disp_bytes, (long long)p->comb_bytes, (long long)p->recv_rows);
