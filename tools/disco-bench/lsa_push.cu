@@ -66,7 +66,8 @@ __global__ void __launch_bounds__(BL_THREADS)
       long long i = lo + threadIdx.x;
       for (; i + 3 * BL_THREADS < hi; i += 4 * BL_THREADS) {
         const uint4 v0 = __ldg(s16 + i), v1 = __ldg(s16 + i + BL_THREADS);
-        const uint4 v2 = __ldg(s16 + i + 2 * BL_THREADS), v3 = __ldg(s16 + i + 3 * BL_THREADS);
+        const uint4 v2 = __ldg(s16 + i + 2 * BL_THREADS),
+                    v3 = __ldg(s16 + i + 3 * BL_THREADS);
         d16[i] = v0;
         d16[i + BL_THREADS] = v1;
         d16[i + 2 * BL_THREADS] = v2;
@@ -87,8 +88,7 @@ __global__ void __launch_bounds__(BL_THREADS)
       *(unsigned *)&state[2] = 0u;
       for (int d = 0; d < world; d++)
         if (d != rank)
-          asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"(
-                           (u64 *)peer[d] + rank),
+          asm volatile("st.relaxed.sys.global.u64 [%0], %1;" ::"l"((u64 *)peer[d] + rank),
                        "l"(seq)
                        : "memory");
     }
@@ -152,7 +152,8 @@ extern "C" int bench_lsa_create(ncclComm_t comm, int world, int rank, size_t slo
   if ((e = cudaGetDevice(&dev)) != cudaSuccess ||
       (e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev)) !=
           cudaSuccess ||
-      (e = cudaMalloc((void **)&l->peer, (size_t)world * sizeof(char *))) != cudaSuccess ||
+      (e = cudaMalloc((void **)&l->peer, (size_t)world * sizeof(char *))) !=
+          cudaSuccess ||
       (e = cudaMalloc((void **)&l->state, 4 * sizeof(u64))) != cudaSuccess ||
       (e = cudaMemset(l->state, 0, 4 * sizeof(u64))) != cudaSuccess ||
       (e = cudaMalloc((void **)&dev_lsa, (size_t)world * sizeof(int))) != cudaSuccess ||
@@ -200,7 +201,8 @@ extern "C" int bench_lsa_create(ncclComm_t comm, int world, int rank, size_t slo
     }
   }
   bl_peer_kernel<<<1, 128>>>(l->win, dev_lsa, world, rank, (char *)l->buf, l->peer);
-  if ((e = cudaGetLastError()) != cudaSuccess || (e = cudaDeviceSynchronize()) != cudaSuccess) {
+  if ((e = cudaGetLastError()) != cudaSuccess ||
+      (e = cudaDeviceSynchronize()) != cudaSuccess) {
     ret = bl_err(err, errlen, "lsa push peers", cudaGetErrorString(e));
     goto fail;
   }
@@ -239,7 +241,9 @@ extern "C" void bench_lsa_destroy(ncclComm_t comm, bench_lsa_t *l) {
   free(l);
 }
 
-extern "C" size_t bench_lsa_slot_bytes(const bench_lsa_t *l) { return l->slot_bytes; }
+extern "C" size_t bench_lsa_slot_bytes(const bench_lsa_t *l) {
+  return l->slot_bytes;
+}
 
 extern "C" cudaError_t bench_lsa_push(bench_lsa_t *l, const size_t *send_bytes,
                                       const void *sbuf, cudaStream_t st) {
@@ -249,8 +253,8 @@ extern "C" cudaError_t bench_lsa_push(bench_lsa_t *l, const size_t *send_bytes,
     if (send_bytes[p] > l->slot_bytes) return cudaErrorInvalidValue;
     o.off[p + 1] = o.off[p] + (long long)send_bytes[p];
   }
-  bl_push_kernel<<<l->blocks, BL_THREADS, 0, st>>>(l->peer, l->state, (const char *)sbuf, o,
-                                                   l->world, l->rank, l->slot_bytes,
+  bl_push_kernel<<<l->blocks, BL_THREADS, 0, st>>>(l->peer, l->state, (const char *)sbuf,
+                                                   o, l->world, l->rank, l->slot_bytes,
                                                    l->timeout_ns);
   return cudaGetLastError();
 }
