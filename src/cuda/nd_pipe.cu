@@ -339,7 +339,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     const nd_chunks cw = {q, first, s, call};
     unsigned long long *ctr = &nd.ctr[DISCO_ND_CTR_SRC(W, q, h)];
     /* Block mode, whole source in: tickets of up to 4 rows, metadata read
-     * once, 8 loads in flight (nd_expand_batch), as in the small kernel.
+     * once, ND_XU_PIPE loads in flight (nd_expand_batch), as in the small
+     * kernel.
      * The last source's expand is the dispatch's tail. */
     if (!warp && !chunked && !rank_major && p.top_k <= 32 &&
         !(nd.tune & DISCO_ND_TUNE_ROW_EXPAND_PIPE))

@@ -307,7 +307,7 @@ __device__ void nd_expand_range(const disco_kparams_t &p, const disco_nd_params_
  * Warp g reads row g's metadata once (a lane per local slot), finds the
  * destinations from the sources' offsets, staged per block in shared
  * memory, and writes the row's metadata outputs from registers; then the
- * whole block copies the G rows at once, ND_XU loads in flight per thread.
+ * whole block copies the G rows at once, U loads in flight per thread.
  * A row per ticket, its metadata read back field by field, left each block
  * a chain of ~10 dependent loads per row with a few KB in flight (run 61
  * trace, 128 tokens K 8: 15 us of expand after the last flag). */

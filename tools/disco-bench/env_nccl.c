@@ -172,16 +172,20 @@ static size_t lsa_slot_bytes(const options_t *o) {
   return (size_t)t * (size_t)h * 4u;
 }
 
+/* Bound of the push's flag waits: the run's --timeout-ms, else 10 s. */
+static int lsa_timeout_ms(const options_t *o) {
+  return o->timeout_ms > 0 ? o->timeout_ms : 10000;
+}
+
 static int cuda_lsa(rank_ctx_t *c, const size_t *send_bytes, const void *sbuf) {
   cuda_dev_t *cd = c->dstate;
   if (cd->lsa_off) return 1;
   if (cd->lsa == NULL) { /* collective: every rank gets here in the same case */
     char err[256] = "";
-    const int rc = bench_lsa_create(
-        cd->nccl, c->world, c->rank, lsa_slot_bytes(c->opt),
-        (unsigned long long)(c->opt->timeout_ms > 0 ? c->opt->timeout_ms : 10000) *
-            1000000ull,
-        &cd->lsa, err, sizeof(err));
+    const int rc =
+        bench_lsa_create(cd->nccl, c->world, c->rank, lsa_slot_bytes(c->opt),
+                         (unsigned long long)lsa_timeout_ms(c->opt) * 1000000ull,
+                         &cd->lsa, err, sizeof(err));
     if (rc < 0) fail_msg(c, "--lsa: %s", err);
     if (rc > 0) {
       cd->lsa_off = 1;
@@ -199,7 +203,7 @@ static void cuda_lsa_check(rank_ctx_t *c) {
   if (q < 0) fail_msg(c, "--lsa: reading the push's state failed");
   if (q > 0)
     fail_msg(c, "--lsa: peer %d's flag did not arrive within %d ms", q - 1,
-             c->opt->timeout_ms);
+             lsa_timeout_ms(c->opt));
 }
 #endif
 

@@ -179,6 +179,9 @@ extern "C" int bench_lsa_create(ncclComm_t comm, int world, int rank, size_t slo
     goto fail;
   }
   registered = 1;
+  /* A device communicator, unused by the kernels (they take the peers'
+   * windows through ncclGetLsaPointer): made and kept as the backend keeps
+   * its own (nd_setup.cu), so that the push runs on disco's set-up. */
   l->dc = (ncclDevComm *)calloc(1, sizeof(ncclDevComm));
   if (l->dc == NULL) {
     ret = bl_err(err, errlen, "lsa push", "out of host memory");
@@ -239,10 +242,6 @@ extern "C" void bench_lsa_destroy(ncclComm_t comm, bench_lsa_t *l) {
   cudaFree(l->peer);
   cudaFree(l->state);
   free(l);
-}
-
-extern "C" size_t bench_lsa_slot_bytes(const bench_lsa_t *l) {
-  return l->slot_bytes;
 }
 
 extern "C" cudaError_t bench_lsa_push(bench_lsa_t *l, const size_t *send_bytes,

@@ -29,7 +29,6 @@ int bench_lsa_create(ncclComm_t comm, int world, int rank, size_t slot_bytes,
                      size_t errlen);
 /* Collective: deregisters and frees the window. */
 void bench_lsa_destroy(ncclComm_t comm, bench_lsa_t *l);
-size_t bench_lsa_slot_bytes(const bench_lsa_t *l);
 /* Enqueues one push of send_bytes[p] (packed in peer order in sbuf) into
  * slot `rank` of every rank p's window, then waits on the device for every
  * peer's flag of this call (at most timeout_ns). Capturable. */
