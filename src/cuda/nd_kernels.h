@@ -113,6 +113,7 @@ typedef struct disco_nd_params {
   int sms;           /* SMs a launch may use */
   int csend_pmax;    /* combine's expert side: most pieces per row (0: no cap) */
   int small_blocks;  /* most blocks of the plain dispatch kernel for few rows */
+  int pipe_xg;       /* pipelined dispatch, batched expand: most rows per ticket */
 } disco_nd_params_t;
 
 /* Work counters (dynamic sharing of a phase's items). */

@@ -343,10 +343,15 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
      * kernel.
      * The last source's expand is the dispatch's tail. */
     if (!warp && !chunked && !rank_major && p.top_k <= 32 &&
-        !(nd.tune & DISCO_ND_TUNE_ROW_EXPAND_PIPE))
-      nd_expand_batch<ND_XU_PIPE>(p, nd, pl, x, first + lo, n, nx, ctr, recv_x, src_rank,
-                                  src_token, expert, weight);
-    else
+        !(nd.tune & DISCO_ND_TUNE_ROW_EXPAND_PIPE)) {
+      /* tickets sized for every worker that may join, of at most pipe_xg
+       * rows: the last block to join takes the last ticket (4096 K 1: the
+       * last block 13.6 us behind block 0 with 4-row tickets, run 67) */
+      long long xb = nexp;
+      if (xb < (n + nd.pipe_xg - 1) / nd.pipe_xg) xb = (n + nd.pipe_xg - 1) / nd.pipe_xg;
+      nd_expand_batch<ND_XU_PIPE>(p, nd, pl, x, first + lo, n, (int)xb, ctr, recv_x,
+                                  src_rank, src_token, expert, weight);
+    } else
       nd_expand_range<true>(p, nd, pl, x, first + lo, n, nx, warp, ctr, 4, rank_major,
                             recv_x, src_rank, src_token, expert, weight,
                             chunked ? &cw : NULL);

@@ -44,6 +44,11 @@
 /* Combine's expert side: at most this many pieces per row, 0: no cap
  * (nd_combine.cu) */
 #define ND_CSEND_PIECES 0
+/* Pipelined dispatch, batched expand (a source with few rows per expander):
+ * most rows per ticket, tickets sized for every block that may join (run 69:
+ * 2 against 4 took 1024 tokens K 8 from 193.6-197.7 to 187.0-187.9 us and
+ * 4096 K 1 from 195.7-196.5 to 192.5-192.8; at most ND_XG) */
+#define ND_PIPE_XG 2
 
 /* An integer from the environment, or def when unset or below lo. */
 static int nd_env_int(const char *name, int def, int lo) {
@@ -410,6 +415,7 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.sms = sms;
   st->nd.csend_pmax = nd_env_int("DISCO_ND_CSEND_PIECES", ND_CSEND_PIECES, 0);
   st->nd.small_blocks = nd_env_int("DISCO_ND_SMALL_BLOCKS", sms, 1);
+  st->nd.pipe_xg = nd_env_int("DISCO_ND_PIPE_XG", ND_PIPE_XG, 1);
   p->lerr = st->drec;
   rc = disco_nd_trace_init(st, r, fn);
   if (rc != DISCO_SUCCESS) return rc;

@@ -50,6 +50,25 @@ static double nd_median(const unsigned long long *ring, unsigned long long first
   return (double)tmp[n / 2] / 1000.0;
 }
 
+/* Median over consecutive calls of this kind of the time from the previous
+ * call's last stamp to this call's first (block 0's start): with calls back
+ * to back, the launch and stream work between two kernels, which the
+ * host-observed time includes and the kernel's does not. */
+static double nd_gap(const unsigned long long *ring, unsigned long long first,
+                     unsigned long long last, int end, unsigned long long *tmp) {
+  int n = 0;
+  for (unsigned long long c = first + 1; c <= last; c++) {
+    const unsigned long long *e =
+        ring + (c % DISCO_ND_TRACE_CALLS) * DISCO_ND_TRACE_SLOTS;
+    const unsigned long long *f =
+        ring + ((c - 1) % DISCO_ND_TRACE_CALLS) * DISCO_ND_TRACE_SLOTS;
+    if (e[0] != 0ull && f[end] != 0ull && e[0] >= f[end]) tmp[n++] = e[0] - f[end];
+  }
+  if (n == 0) return -1.0;
+  qsort(tmp, (size_t)n, sizeof(*tmp), nd_cmp_u64);
+  return (double)tmp[n / 2] / 1000.0;
+}
+
 void disco_nd_trace_report(disco_nd_state_t *st, int rank) {
   /* phase i = slot i - slot i-1 ("+": after block 0, until the last block);
    * a name starting with '@' is slot i - slot 0 instead */
@@ -96,8 +115,9 @@ void disco_nd_trace_report(disco_nd_state_t *st, int rank) {
             snprintf(line + len, sizeof(line) - (size_t)len, " %s %.1f", names[k][i],
                      nd_median(r, first, sq, i, names[k][i][0] == '@' ? 0 : i - 1, tmp));
     if (len < (int)sizeof(line))
-      snprintf(line + len, sizeof(line) - (size_t)len, " | kernel %.1f\n",
-               nd_median(r, first, sq, last[k], 0, tmp));
+      snprintf(line + len, sizeof(line) - (size_t)len, " | kernel %.1f gap %.1f\n",
+               nd_median(r, first, sq, last[k], 0, tmp),
+               nd_gap(r, first, sq, last[k], tmp));
     fputs(line, stderr);
   }
   free(ring);
