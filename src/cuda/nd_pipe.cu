@@ -345,8 +345,9 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     if (!warp && !chunked && !rank_major && p.top_k <= 32 &&
         !(nd.tune & DISCO_ND_TUNE_ROW_EXPAND_PIPE)) {
       /* tickets sized for every worker that may join, of at most pipe_xg
-       * rows: the last block to join takes the last ticket (4096 K 1: the
-       * last block 13.6 us behind block 0 with 4-row tickets, run 67) */
+       * rows (sized for the expanders alone, with 4 rows, the last block to
+       * join took a whole ticket and ended alone: 4096 K 1, 13.6 us behind
+       * block 0, run 67) */
       long long xb = nexp;
       if (xb < (n + nd.pipe_xg - 1) / nd.pipe_xg) xb = (n + nd.pipe_xg - 1) / nd.pipe_xg;
       nd_expand_batch<ND_XU_PIPE>(p, nd, pl, x, first + lo, n, (int)xb, ctr, recv_x,
