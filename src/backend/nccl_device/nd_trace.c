@@ -36,33 +36,21 @@ static int nd_cmp_u64(const void *a, const void *b) {
   return x < y ? -1 : x > y;
 }
 
-/* Median over calls of slot[i] - slot[j] in us, calls with both set. */
+/* Median over calls c of call c's slot i - call (c - back)'s slot j in us,
+ * where both are set. back 1, slot 0 against the last: the time from one
+ * call's end to the next one's start (calls back to back: the launch and
+ * stream work between two kernels, which the host-observed time includes
+ * and the kernel's does not). */
 static double nd_median(const unsigned long long *ring, unsigned long long first,
-                        unsigned long long last, int i, int j, unsigned long long *tmp) {
+                        unsigned long long last, int i, int j, unsigned back,
+                        unsigned long long *tmp) {
   int n = 0;
-  for (unsigned long long c = first; c <= last; c++) {
-    const unsigned long long *e =
-        ring + (c % DISCO_ND_TRACE_CALLS) * DISCO_ND_TRACE_SLOTS;
-    if (e[i] != 0ull && e[j] != 0ull && e[i] >= e[j]) tmp[n++] = e[i] - e[j];
-  }
-  if (n == 0) return -1.0;
-  qsort(tmp, (size_t)n, sizeof(*tmp), nd_cmp_u64);
-  return (double)tmp[n / 2] / 1000.0;
-}
-
-/* Median over consecutive calls of this kind of the time from the previous
- * call's last stamp to this call's first (block 0's start): with calls back
- * to back, the launch and stream work between two kernels, which the
- * host-observed time includes and the kernel's does not. */
-static double nd_gap(const unsigned long long *ring, unsigned long long first,
-                     unsigned long long last, int end, unsigned long long *tmp) {
-  int n = 0;
-  for (unsigned long long c = first + 1; c <= last; c++) {
+  for (unsigned long long c = first + back; c <= last; c++) {
     const unsigned long long *e =
         ring + (c % DISCO_ND_TRACE_CALLS) * DISCO_ND_TRACE_SLOTS;
     const unsigned long long *f =
-        ring + ((c - 1) % DISCO_ND_TRACE_CALLS) * DISCO_ND_TRACE_SLOTS;
-    if (e[0] != 0ull && f[end] != 0ull && e[0] >= f[end]) tmp[n++] = e[0] - f[end];
+        ring + ((c - back) % DISCO_ND_TRACE_CALLS) * DISCO_ND_TRACE_SLOTS;
+    if (e[i] != 0ull && f[j] != 0ull && e[i] >= f[j]) tmp[n++] = e[i] - f[j];
   }
   if (n == 0) return -1.0;
   qsort(tmp, (size_t)n, sizeof(*tmp), nd_cmp_u64);
@@ -101,7 +89,7 @@ void disco_nd_trace_report(disco_nd_state_t *st, int rank) {
     const unsigned long long skip = n > 8 ? 3 : 0, first = sq - n + 1 + skip;
     const unsigned long long *r =
         ring + (size_t)k * DISCO_ND_TRACE_CALLS * DISCO_ND_TRACE_SLOTS;
-    if (n == 0 || nd_median(r, first, sq, last[k], 0, tmp) < 0.0)
+    if (n == 0 || nd_median(r, first, sq, last[k], 0, 0, tmp) < 0.0)
       continue; /* not this kind */
     if (n == 0) continue;
     /* one write per line: ranks in threads or processes do not interleave */
@@ -111,13 +99,13 @@ void disco_nd_trace_report(disco_nd_state_t *st, int rank) {
                        n - skip);
     for (int i = 1; i < DISCO_ND_TRACE_SLOTS && len < (int)sizeof(line); i++)
       if (names[k][i] != NULL && names[k][i][0] != '\0')
-        len +=
-            snprintf(line + len, sizeof(line) - (size_t)len, " %s %.1f", names[k][i],
-                     nd_median(r, first, sq, i, names[k][i][0] == '@' ? 0 : i - 1, tmp));
+        len += snprintf(
+            line + len, sizeof(line) - (size_t)len, " %s %.1f", names[k][i],
+            nd_median(r, first, sq, i, names[k][i][0] == '@' ? 0 : i - 1, 0, tmp));
     if (len < (int)sizeof(line))
       snprintf(line + len, sizeof(line) - (size_t)len, " | kernel %.1f gap %.1f\n",
-               nd_median(r, first, sq, last[k], 0, tmp),
-               nd_gap(r, first, sq, last[k], tmp));
+               nd_median(r, first, sq, last[k], 0, 0, tmp),
+               nd_median(r, first, sq, 0, last[k], 1, tmp));
     fputs(line, stderr);
   }
   free(ring);
