@@ -24,7 +24,7 @@ extern "C" unsigned long long disco_nd_window_layout(const disco_kparams_t *p,
     off += ((bytes) + (align)-1) / (align) * (align); \
   } while (0)
   ND_CARVE(off_flags, DISCO_ND_KINDS * W * 8u, 4096u);
-  ND_CARVE(off_cnt, W * (u64)p->msg_len * 8u, 256u);
+  ND_CARVE(off_cnt, W * (u64)ND_CNT_WORDS(p->msg_len) * 8u, 256u);
   ND_CARVE(off_meta, W * M * (u64)p->meta_ints * 4u, 256u);
   ND_CARVE(off_rows, W * M * (u64)p->row_bytes, 256u);
   ND_CARVE(off_part, W * M * (u64)part_vecs * 16u, 256u);
@@ -77,9 +77,9 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   if (!nd_block_all(ok)) return;
   if (threadIdx.x == 0) nd_trace_max(nd, 0, s, 8);
   const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
-  /* 2. Block 0: the count messages (self included) and DCNT flags; the other
+  /* 2. Block 0: the count messages (self included, self-validating words); the other
    * blocks (all, with a grid of one): rows and metadata. Flags by the last. */
-  if (b == 0) nd_send_counts(p, nd, pl, status_in, st, s);
+  if (b == 0) nd_send_counts(p, nd, pl, status_in, s);
   /* Test hook: rank 0 stores what it sends to itself late, after its peers'
    * share (a regression test for reading our own slot too early). */
   const int late = nd.test_self_delay_ns != 0ull && r == 0;
@@ -111,8 +111,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
    * rows still on the way), then every source's data, this rank's own slot
    * included (written by other blocks of this grid): go. */
   if (b == 0) {
-    ok = nd_wait_all<true>(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad,
-                           &code);
+    ok = nd_wait_counts(p, nd, pl, s, call);
     if (tr) nd_trace(nd, 0, s, 2);
     if (!ok) return;
     nd_make_plan(p, nd, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap, call);

@@ -45,7 +45,7 @@ enum {
   DISCO_ND_CFLAG = 2, /* combine partials from q are complete */
   DISCO_ND_CACK = 3,  /* q has read our partials */
   DISCO_ND_DEAD = 4,  /* q gave up (timed out): nobody waits for it any more */
-  DISCO_ND_DCNT = 5,  /* dispatch counts from q are here (before its rows) */
+  DISCO_ND_DCNT = 5,  /* unused: count words validate themselves (nd_rows.cuh) */
   DISCO_ND_CSTAT = 6, /* q's combine status, sent as its combine starts */
   DISCO_ND_DPART = 7, /* + h: part h of q's dispatch rows is in (h < parts - 1) */
   DISCO_ND_KINDS = 7 + DISCO_ND_PARTS_MAX - 1

@@ -7,7 +7,7 @@
  * the ranks send to distinct receivers) and publish one DFLAG per
  * destination when its rows are out (one system fence per block and step,
  * not per row); expander blocks make the plan as soon as the counts are in
- * (DCNT), expand this rank's own tokens, then each source as its flag lands
+ * (nd_wait_counts), expand this rank's own tokens, then each source as its flag lands
  * (r - 1 first: the rank that sends to us first). Only the last source's
  * expand is left after the sends, and the sender blocks join it once their
  * rows are out. Flags, acks and waits are the plain kernel's
@@ -290,9 +290,8 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
 
   /* ---- expanders: the plan as soon as the counts are in ---- */
   if (b == 0) {
-    nd_send_counts(p, nd, pl, status_in, st, s);
-    ok = nd_wait_all<true>(p, nd, DISCO_ND_DCNT, s, DISCO_ND_PHASE_DCNT, call, &bad,
-                           &code);
+    nd_send_counts(p, nd, pl, status_in, s);
+    ok = nd_wait_counts(p, nd, pl, s, call);
     if (!ok) return;
     nd_make_plan(p, nd, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap, call);
     __syncthreads();

@@ -12,38 +12,112 @@
 
 /* ---- dispatch ------------------------------------------------------------------ */
 
-/* Block 0, once every rank's DCNT flag is in: the received count messages
- * into pl.msg's receive half, then the receive plan. */
+/* Count messages travel as self-validating words (as NCCL's LL protocol):
+ * each 8-byte word carries the call's sequence (low 32 bits) in its high
+ * half and a 32-bit field in its low half, stored with one relaxed system-
+ * scope store, so a receiver knows a word is this call's by reading it, and
+ * the sender needs neither a fence nor a flag after them (the count path
+ * was the small dispatch's critical path: stores, a system fence that
+ * waited for them, a flag, its poll). Word f < ml of source q: field f, as
+ * a 32-bit integer (every field but DISCO_MSG_VALUE fits: counts and
+ * tokens are below max_tokens, slots below K); word ml: the high half of
+ * DISCO_MSG_VALUE (a caller's bad expert id, any int64). */
+#define ND_CNT_WORDS(ml) ((ml) + 1)
+
+/* Block 0: the count messages (pl.msg's send half, or the failed status)
+ * into every rank's slot r, self included. */
+static __device__ void nd_send_counts(const disco_kparams_t &p,
+                                      const disco_nd_params_t &nd,
+                                      const disco_dev_plan_t &pl, int status_in, u64 s) {
+  const int W = p.world, r = p.rank, ml = p.msg_len, m1 = ND_CNT_WORDS(ml);
+  const u64 tag = (s & 0xffffffffull) << 32;
+  for (int i = threadIdx.x; i < W * m1; i += blockDim.x) {
+    const int d = i / m1, f = i % m1, g = f == ml ? (int)DISCO_MSG_VALUE : f;
+    long long v;
+    if (status_in == 0)
+      v = pl.msg[(long long)d * ml + g];
+    else
+      v = g == DISCO_MSG_CODE ? status_in : g < DISCO_MSG_TOKENS ? -1 : 0;
+    const unsigned x = f == ml ? (unsigned)((unsigned long long)v >> 32) : (unsigned)v;
+    nd_st_relaxed((u64 *)(nd.peer[d] + nd.off_cnt) + (long long)r * m1 + f, tag | x);
+  }
+}
+
+/* Waits (one thread) until count word `word` from peer q carries sequence
+ * s; bounded as nd_wait<true> (the peer's dead word read with the first
+ * poll; a timeout names q and the counts). */
+static __device__ int nd_wait_word(const disco_kparams_t &p, const disco_nd_params_t &nd,
+                                   const u64 *word, u64 s, int q, u64 call, u64 *val) {
+  const u64 deadline = nd_now() + nd.timeout_ns;
+  const unsigned want = (unsigned)s;
+  for (unsigned it = 0;; it++) {
+    const u64 dead = it == 0 && q != p.rank
+                         ? nd_ld_relaxed(nd_flag(nd, nd.local, p.world, DISCO_ND_DEAD, q))
+                         : 0ull;
+    const u64 v = nd_ld_relaxed(word);
+    if (dead != 0ull) {
+      nd_give_up(p, nd, q, DISCO_ND_PHASE_DEAD, call, 0);
+      return 0;
+    }
+    if ((unsigned)(v >> 32) == want) {
+      *val = v;
+      return 1;
+    }
+    if ((it & 255u) == 255u) {
+      if (nd_dead(nd) || (q != p.rank && nd_peer_dead(p, nd, q, call))) return 0;
+      if (nd_now() > deadline) {
+        nd_give_up(p, nd, q, DISCO_ND_PHASE_DCNT, call, s);
+        return 0;
+      }
+    }
+  }
+}
+
+/* Block 0: every rank's count message of call s, decoded into pl.msg's
+ * receive half (block-wide; 0 after a timeout or a dead peer). One wait
+ * per word (a second wait in the loop spilled ~180 bytes more per thread
+ * in the small kernel); DISCO_MSG_VALUE's two words, both seen by then,
+ * are joined after the barrier. */
+static __device__ int nd_wait_counts(const disco_kparams_t &p,
+                                     const disco_nd_params_t &nd,
+                                     const disco_dev_plan_t &pl, u64 s, u64 call) {
+  const int W = p.world, ml = p.msg_len, m1 = ND_CNT_WORDS(ml);
+  const u64 *in = (const u64 *)(nd.local + nd.off_cnt);
+  int64_t *recv = pl.msg + (long long)W * ml;
+  __shared__ int s_ok;
+  __syncthreads(); /* the previous call's s_ok is read */
+  if (threadIdx.x == 0) s_ok = 1;
+  __syncthreads();
+  for (int i = threadIdx.x; i < W * m1; i += blockDim.x) {
+    const int q = i / m1, f = i % m1;
+    u64 v;
+    if (!nd_wait_word(p, nd, in + i, s, q, call, &v)) {
+      atomicExch(&s_ok, 0);
+      break;
+    }
+    if (f < ml && f != DISCO_MSG_VALUE)
+      recv[(long long)q * ml + f] = (long long)(int)(unsigned)v;
+  }
+  __syncthreads();
+  for (int q = threadIdx.x; s_ok && q < W; q += blockDim.x) {
+    const u64 lo = nd_ld_relaxed(in + (long long)q * m1 + DISCO_MSG_VALUE);
+    const u64 hi = nd_ld_relaxed(in + (long long)q * m1 + ml);
+    recv[(long long)q * ml + DISCO_MSG_VALUE] =
+        (long long)((hi << 32) | (lo & 0xffffffffull));
+  }
+  __syncthreads();
+  return s_ok;
+}
+
+/* Block 0, once every rank's count message is in (nd_wait_counts): the
+ * receive plan. */
 static __device__ void nd_make_plan(const disco_kparams_t &p, const disco_nd_params_t &nd,
                                     const disco_dev_plan_t &pl, int layout, int align,
                                     int32_t *n_to, int32_t *n_from, int32_t *tpe,
                                     int64_t *num_rows_out, long long cap, u64 call) {
+  (void)nd;
   disco_recv_plan_body(p, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap,
-                       (long long)call, (const long long *)(nd.local + nd.off_cnt));
-}
-
-/* Block 0: the count messages into every rank's slot r (self included), then
- * a DCNT flag per peer, so that every receiver can make its plan before the
- * rows are in. */
-static __device__ void nd_send_counts(const disco_kparams_t &p,
-                                      const disco_nd_params_t &nd,
-                                      const disco_dev_plan_t &pl, int status_in, int st,
-                                      u64 s) {
-  const int W = p.world, r = p.rank, ml = p.msg_len;
-  for (int i = threadIdx.x; i < W * ml; i += blockDim.x) {
-    const int d = i / ml, f = i % ml;
-    long long v;
-    if (status_in == 0)
-      v = pl.msg[i];
-    else
-      v = f == DISCO_MSG_CODE ? status_in : f < DISCO_MSG_TOKENS ? -1 : 0;
-    ((long long *)(nd.peer[d] + nd.off_cnt))[(long long)r * ml + f] = v;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    nd_fence_sys();
-    nd_flag_peers(nd, W, r, DISCO_ND_DCNT, s << 8 | (u64)(st & 255));
-  }
+                       (long long)call, NULL);
 }
 
 /* Token t's metadata rows, one per destination (warp 0 of a sender block):

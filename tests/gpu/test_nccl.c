@@ -307,7 +307,10 @@ static void rank_body(int r, void *arg) {
       if (r == bad_rank) {
         int64_t t = 3 < T ? 3 : T - 1;
         if (inject == INJ_BAD_ID) {
-          idx[t * K + (K > 1)] = (int64_t)L * W + 5;
+          /* 64-bit ids: one past 32 bits, which the message must name whole
+           * (nccl_device's count words carry it in two halves) */
+          idx[t * K + (K > 1)] =
+              c->itype == I64 ? ((int64_t)1 << 40) + 5 : (int64_t)L * W + 5;
           want = DISCO_ERR_EXPERT_OUT_OF_RANGE;
         } else {
           idx[t * K + 0] = 1;
@@ -400,6 +403,10 @@ static void rank_body(int r, void *arg) {
         untouched(x, r, "num_recv_rows", d.nrows, 8);
         if (rc != DISCO_SUCCESS && strstr(msg, "rank") == NULL)
           fail(x, r, "error message names no rank: %s %lld %lld", msg, 0, 0);
+        if (rc == DISCO_ERR_EXPERT_OUT_OF_RANGE && c->itype == I64 &&
+            strstr(msg, "1099511627781") == NULL)
+          fail(x, r, "error message does not name the bad id 2^40 + 5: %s %lld %lld", msg,
+               0, 0);
       }
     }
     /* Combine, unless this round was meant to fail somewhere. */
