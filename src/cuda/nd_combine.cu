@@ -142,12 +142,13 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     nd_combine_kernel(disco_kparams_t p, disco_nd_params_t nd, disco_dev_plan_t pl,
                       const uint4 *y, long long y_rows, int weighted, int wire32_cfg,
                       int rank_major, int status_in, uint4 *out, int T, int cpipe) {
+  /* the sequence loaded beside the dead word (one round trip, not two) */
+  const u64 c = ((volatile u64 *)nd.seq)[1] + 1ull;
   if (nd_dead(nd)) return;
   /* fp32 partials on every rank or on none (pl.wide: some rank received
    * this dispatch EXPERT_MAJOR); RANK_MAJOR rows are then widened. */
   const int wire32 = wire32_cfg && *pl.wide != 0;
   const int W = p.world, r = p.rank, b = blockIdx.x, nb = gridDim.x;
-  const u64 c = nd.seq[1] + 1ull;
   const u64 call = (u64)DISCO_CALL_COMBINE << 32 | (c & 0xffffffffull);
   const int kind = cpipe ? 3 : 1; /* trace kind */
   int st = status_in;

@@ -181,10 +181,11 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
                             int32_t *n_to, int32_t *n_from, int32_t *tpe,
                             int64_t *num_rows_out, long long cap, const void *idx,
                             int idx64, int fuse) {
+  /* the sequence loaded beside the dead word (one round trip, not two) */
+  const u64 s = *(volatile u64 *)nd.seq + 1ull;
   if (nd_dead(nd)) return;
   const int W = p.world, r = p.rank, b = blockIdx.x, nb = gridDim.x;
   const int rank_major = layout == DISCO_LAYOUT_RANK_MAJOR;
-  const u64 s = nd.seq[0] + 1ull;
   const u64 call = (u64)call_kind << 32 | (s & 0xffffffffull);
   const int tr = b == 0 && threadIdx.x == 0;
   int ok = 1, bad, code;
