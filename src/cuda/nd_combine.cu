@@ -189,8 +189,6 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
     if (pass == 1) nd_sleep(nd.test_self_delay_ns);
     /* csend_pmax (0: no cap): halves instead of quarter rows took 32 tokens
      * K 8 from 33.9 to 31.7 us but 128 K 8 from 44.3 to 45.2 (run 39) */
-    const int P0 = nd_parts(nb - nt, R, p.row_vecs);
-    const int P = nd.csend_pmax > 0 && P0 > nd.csend_pmax ? nd.csend_pmax : P0;
     const int rr = !(nd.tune & DISCO_ND_TUNE_SOURCE_ORDER);
     long long N = R;
     if (rr) { /* items: W times the most rows from one source */
@@ -200,6 +198,9 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
           N = pl.recv_off[q + 1] - pl.recv_off[q];
       N *= W;
     }
+    int P0 = nd_parts(nb - nt, R, p.row_vecs);
+    if (!(nd.tune & DISCO_ND_TUNE_NO_ROUND)) P0 = nd_parts_round(nb - nt, N, P0);
+    const int P = nd.csend_pmax > 0 && P0 > nd.csend_pmax ? nd.csend_pmax : P0;
     const int sel = late ? pass + 1 : 0, S = DISCO_ND_THREADS;
     unsigned long long *ct = &nd.ctr[pass ? DISCO_ND_CTR_CLATE(W) : DISCO_ND_CTR_CSEND];
     if (!(nd.tune & DISCO_ND_TUNE_WARP_CSEND)) {
@@ -279,7 +280,9 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   } else if (ok == 1) {
     __shared__ long long cache[ND_CCACHE];
     for (int i = threadIdx.x; i < ND_CCACHE; i += blockDim.x) cache[i] = -1;
-    const int P = nd_parts(nb, T, p.row_vecs), S = DISCO_ND_THREADS;
+    int P = nd_parts(nb, T, p.row_vecs);
+    if (!(nd.tune & DISCO_ND_TUNE_NO_ROUND)) P = nd_parts_round(nb, T, P);
+    const int S = DISCO_ND_THREADS;
     for (long long it = nd_share<S>(nd_ask<S>(ct)), a; it < (long long)T * P;
          it = nd_share<S>(a)) {
       int lo, hi;

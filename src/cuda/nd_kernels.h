@@ -151,6 +151,9 @@ typedef struct disco_nd_params {
 /* The pipelined dispatch's block expand a row (or piece) per ticket (the
  * code before session 9) */
 #define DISCO_ND_TUNE_ROW_EXPAND_PIPE 16384
+/* The combine's pieces per row as before run 75, not cut to fit one round of
+ * blocks (nd_parts_round) */
+#define DISCO_ND_TUNE_NO_ROUND 65536
 
 /* DISCO_ND_TRACE: %globaltimer at phase ends of the last calls (nd_trace.c);
  * kinds: dispatch, combine, pipelined dispatch, pipelined combine. Slots
