@@ -76,13 +76,17 @@ DISCO_API disco_result_t disco_comm_create_nccl(ncclComm_t nccl_comm,
  * combine never wait on the host and can be captured in a CUDA graph
  * (DISCO_CAP_NO_HOST_SYNC | DISCO_CAP_GRAPH); disco_dispatch_layout still
  * reads counts back once.
- * Collective over nccl_comm, like disco_comm_create_nccl. When some peer is
- * not load-store accessible (another node: NCCL's LSA team is smaller than
- * the comm), the whole comm falls back to the host-initiated path: *comm is
- * then a comm of the nccl backend (disco_comm_backend() says "nccl",
- * disco_comm_caps() lacks NO_HOST_SYNC and GRAPH). Allocates, at creation, one
+ * Collective over nccl_comm, like disco_comm_create_nccl. When some peers are
+ * not load-store accessible (other nodes: NCCL's LSA team is smaller than
+ * the comm), the comm is hybrid: each call still stores over NVLink to the
+ * peers of this node and moves what goes to and comes from the others by
+ * NCCL send/recv inside the same call, reading their row counts back on the
+ * host once per dispatch; disco_comm_caps() is then 0 (no NO_HOST_SYNC, no
+ * GRAPH: capturing a call returns NOT_SUPPORTED). Allocates, at creation, one
  * symmetric window of about world_size * max_tokens * (hidden * (elem_size +
- * wire bytes)) per rank. Never requests NVLink multicast (NVLS).
+ * wire bytes)) per rank, and in a hybrid comm about 2 * max_tokens * hidden *
+ * (elem_size + wire bytes) of staging per peer on another node. Never
+ * requests NVLink multicast (NVLS).
  * Errors found on the device (bad expert ids, CAPACITY, REMOTE) are not
  * returned by the call that meets them: read them with disco_comm_check().
  * Every device wait is bounded by config->timeout_ms; on expiry the kernel

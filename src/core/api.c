@@ -85,10 +85,10 @@ static disco_result_t dispatch_common(const char *fn, disco_comm_t *comm,
   }
   if (comm->ops->dispatch != NULL) {
     if (rc != DISCO_SUCCESS) {
-      /* A REUSE_LAYOUT call exchanges nothing on the nccl backend; on a
-       * no-host-sync backend it is a full round the peers wait for. */
+      /* A REUSE_LAYOUT call exchanges nothing on the nccl backend; on
+       * nccl_device (ops->full_rounds) it is a full round the peers wait for. */
       if (own && comm->ops->dispatch_abort != NULL &&
-          (!dispatch_reuses(args) || (comm->ops->caps & DISCO_CAP_NO_HOST_SYNC)))
+          (!dispatch_reuses(args) || comm->ops->full_rounds))
         device_abort(comm, handle, args, rc);
       return rc;
     }

@@ -23,6 +23,10 @@ extern "C" {
 typedef struct disco_backend_ops {
   const char *name;
   int device_memory; /* buffers are CUDA device pointers */
+  /* Device backends whose every dispatch, REUSE_LAYOUT included, is a full
+   * exchange the peers wait for (so a host-side failure must still take
+   * part through dispatch_abort). */
+  int full_rounds;
 
   /* Host-transport primitives; all collective, all bounded by timeout_ms.
    * alltoall: `bytes` from send + p*bytes go to rank p, land at recv + q*bytes

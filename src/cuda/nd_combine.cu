@@ -161,93 +161,99 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   int ok = 1, q = -1, code = 0;
   const int tr = b == 0 && threadIdx.x == 0;
   if (tr) nd_trace(nd, kind, c, 0);
-  if (threadIdx.x == 0 && b == 0 && st != 0 && status_in == 0)
-    disco_latch(p.lerr, st, r, (long long)call, y_rows, rows, 0, 0);
-  /* the token owners have read our previous partials */
-  ok = nd_wait_all<false>(p, nd, DISCO_ND_CACK, c - 1ull, DISCO_ND_PHASE_CACK, call, &q,
-                          &code);
-  if (tr) nd_trace(nd, kind, c, 1);
-  if (!ok) return;
-  /* Our status, ahead of the partials. Only now: the owners have finished
-   * the previous call, whose CSTAT they might otherwise read as this one's. */
-  if (tr) nd_flag_peers(nd, W, r, DISCO_ND_CSTAT, c << 8 | (u64)(st & 255));
-  /* Pipelined: blocks [0, nt) start on the token side. */
-  int nt = cpipe ? (int)((long long)nb * nd.ctoken_pct / 100) : 0;
-  nt = nt > nb - 1 ? nb - 1 : nt;
-  const long long R = pl.recv_off[W];
-  /* chunk flags when the owners are likely to fold as they land: about what
-   * a rank receives when its peers have cpipe_min tokens each (a token goes
-   * to half the ranks), or half that when this rank pipelines by its rows
-   * (cpipe 2: its peers, alike, probably do too) */
-  const int chunks = (2 * R >= (long long)W * nd.cpipe_min ||
-                      (cpipe == 2 && 4 * R >= (long long)W * nd.cpipe_min)) &&
-                     !(nd.tune & DISCO_ND_TUNE_NO_CPIPE);
-  const u64 cv = c << 8 | (u64)(st & 255);
-  /* Test hook: rank 0 stores its own partials late (see dispatch). */
-  const int late = nd.test_self_delay_ns != 0ull && r == 0;
-  for (int pass = 0; b >= nt && st == 0 && pass <= late; pass++) {
-    if (pass == 1) nd_sleep(nd.test_self_delay_ns);
-    /* csend_pmax (0: no cap): halves instead of quarter rows took 32 tokens
-     * K 8 from 33.9 to 31.7 us but 128 K 8 from 44.3 to 45.2 (run 39) */
-    const int rr = !(nd.tune & DISCO_ND_TUNE_SOURCE_ORDER);
-    long long N = R;
-    if (rr) { /* items: W times the most rows from one source */
-      N = 0;
-      for (int q = 0; q < W; q++)
-        if (pl.recv_off[q + 1] - pl.recv_off[q] > N)
-          N = pl.recv_off[q + 1] - pl.recv_off[q];
-      N *= W;
-    }
-    int P0 = nd_parts(nb - nt, R, p.row_vecs);
-    if (!(nd.tune & DISCO_ND_TUNE_NO_ROUND)) P0 = nd_parts_round(nb - nt, N, P0);
-    const int P = nd.csend_pmax > 0 && P0 > nd.csend_pmax ? nd.csend_pmax : P0;
-    const int sel = late ? pass + 1 : 0, S = DISCO_ND_THREADS;
-    unsigned long long *ct = &nd.ctr[pass ? DISCO_ND_CTR_CLATE(W) : DISCO_ND_CTR_CSEND];
-    if (!(nd.tune & DISCO_ND_TUNE_WARP_CSEND)) {
-      __shared__ nd_pend pd;
-      for (int q = threadIdx.x; q < ND_PEND_MAX; q += blockDim.x) pd.n[q] = 0u;
-      if (threadIdx.x == 0) pd.g = -1;
-      for (long long it = nd_share<S>(nd_ask<S>(ct)), a; it < N * P;
-           it = nd_share<S>(a)) {
-        const long long i = nd_citem_row(pl, W, r, it / P, rr);
-        int lo, hi;
-        a = nd_ask<S>(ct);
-        if (i < 0) continue;
-        const int q = chunks ? nd_pend_at(p, nd, pl, pd, i, P, cv) : -1;
-        nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
-        const int sent = nd_csend_token<S>(p, nd, pl, y, i, weighted, wire32, rank_major,
-                                           lo, hi, sel, threadIdx.x); /* block-uniform */
-        if (sent && q >= 0 && q < ND_PEND_MAX) {
-          if (threadIdx.x == 0) pd.n[q]++;
-        } else if (sent && q >= ND_PEND_MAX) { /* a world too large to track */
-          __syncthreads();                     /* every thread's stores of the piece */
-          if (threadIdx.x == 0) {
-            nd_fence_sys();
-            nd_chunk_add(p, nd, pl, q, (i - pl.recv_off[q]) / nd.cch_rows, 1u, P, cv);
+  /* A hybrid comm's receive half (nd.phase 2): the expert side ran as the
+   * previous launch, NCCL has brought the other hosts' partials and flags. */
+  if (nd.phase != 2) {
+    if (threadIdx.x == 0 && b == 0 && st != 0 && status_in == 0)
+      disco_latch(p.lerr, st, r, (long long)call, y_rows, rows, 0, 0);
+    /* the token owners have read our previous partials */
+    ok = nd_wait_all<false>(p, nd, DISCO_ND_CACK, c - 1ull, DISCO_ND_PHASE_CACK, call, &q,
+                            &code);
+    if (tr) nd_trace(nd, kind, c, 1);
+    if (!ok) return;
+    /* Our status, ahead of the partials. Only now: the owners have finished
+     * the previous call, whose CSTAT they might otherwise read as this one's. */
+    if (tr) nd_flag_peers(nd, W, r, DISCO_ND_CSTAT, c << 8 | (u64)(st & 255));
+    /* Pipelined: blocks [0, nt) start on the token side. */
+    int nt = cpipe ? (int)((long long)nb * nd.ctoken_pct / 100) : 0;
+    nt = nt > nb - 1 ? nb - 1 : nt;
+    const long long R = pl.recv_off[W];
+    /* chunk flags when the owners are likely to fold as they land: about what
+     * a rank receives when its peers have cpipe_min tokens each (a token goes
+     * to half the ranks), or half that when this rank pipelines by its rows
+     * (cpipe 2: its peers, alike, probably do too) */
+    const int chunks = (2 * R >= (long long)W * nd.cpipe_min ||
+                        (cpipe == 2 && 4 * R >= (long long)W * nd.cpipe_min)) &&
+                       !(nd.tune & DISCO_ND_TUNE_NO_CPIPE);
+    const u64 cv = c << 8 | (u64)(st & 255);
+    /* Test hook: rank 0 stores its own partials late (see dispatch). */
+    const int late = nd.test_self_delay_ns != 0ull && r == 0;
+    for (int pass = 0; b >= nt && st == 0 && pass <= late; pass++) {
+      if (pass == 1) nd_sleep(nd.test_self_delay_ns);
+      /* csend_pmax (0: no cap): halves instead of quarter rows took 32 tokens
+       * K 8 from 33.9 to 31.7 us but 128 K 8 from 44.3 to 45.2 (run 39) */
+      const int rr = !(nd.tune & DISCO_ND_TUNE_SOURCE_ORDER);
+      long long N = R;
+      if (rr) { /* items: W times the most rows from one source */
+        N = 0;
+        for (int q = 0; q < W; q++)
+          if (pl.recv_off[q + 1] - pl.recv_off[q] > N)
+            N = pl.recv_off[q + 1] - pl.recv_off[q];
+        N *= W;
+      }
+      int P0 = nd_parts(nb - nt, R, p.row_vecs);
+      if (!(nd.tune & DISCO_ND_TUNE_NO_ROUND)) P0 = nd_parts_round(nb - nt, N, P0);
+      const int P = nd.csend_pmax > 0 && P0 > nd.csend_pmax ? nd.csend_pmax : P0;
+      const int sel = late ? pass + 1 : 0, S = DISCO_ND_THREADS;
+      unsigned long long *ct = &nd.ctr[pass ? DISCO_ND_CTR_CLATE(W) : DISCO_ND_CTR_CSEND];
+      if (!(nd.tune & DISCO_ND_TUNE_WARP_CSEND)) {
+        __shared__ nd_pend pd;
+        for (int q = threadIdx.x; q < ND_PEND_MAX; q += blockDim.x) pd.n[q] = 0u;
+        if (threadIdx.x == 0) pd.g = -1;
+        for (long long it = nd_share<S>(nd_ask<S>(ct)), a; it < N * P;
+             it = nd_share<S>(a)) {
+          const long long i = nd_citem_row(pl, W, r, it / P, rr);
+          int lo, hi;
+          a = nd_ask<S>(ct);
+          if (i < 0) continue;
+          const int q = chunks ? nd_pend_at(p, nd, pl, pd, i, P, cv) : -1;
+          nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
+          const int sent =
+              nd_csend_token<S>(p, nd, pl, y, i, weighted, wire32, rank_major, lo, hi,
+                                sel, threadIdx.x); /* block-uniform */
+          if (sent && q >= 0 && q < ND_PEND_MAX) {
+            if (threadIdx.x == 0) pd.n[q]++;
+          } else if (sent && q >= ND_PEND_MAX) { /* a world too large to track */
+            __syncthreads();                     /* every thread's stores of the piece */
+            if (threadIdx.x == 0) {
+              nd_fence_sys();
+              nd_chunk_add(p, nd, pl, q, (i - pl.recv_off[q]) / nd.cch_rows, 1u, P, cv);
+            }
           }
         }
-      }
-      if (chunks) nd_pend_flush(p, nd, pl, pd, P, cv);
-    } else { /* a row per warp */
-      for (long long j = nd_share<32>(nd_ask<32>(ct)), a; j < N; j = nd_share<32>(a)) {
-        const long long i = nd_citem_row(pl, W, r, j, rr);
-        a = nd_ask<32>(ct);
-        if (i >= 0 &&
-            nd_csend_token<32>(p, nd, pl, y, i, weighted, wire32, rank_major, 0,
-                               p.row_vecs, sel, threadIdx.x & 31) &&
-            chunks)
-          nd_chunk_row_warp(p, nd, pl, i, cv);
+        if (chunks) nd_pend_flush(p, nd, pl, pd, P, cv);
+      } else { /* a row per warp */
+        for (long long j = nd_share<32>(nd_ask<32>(ct)), a; j < N; j = nd_share<32>(a)) {
+          const long long i = nd_citem_row(pl, W, r, j, rr);
+          a = nd_ask<32>(ct);
+          if (i >= 0 &&
+              nd_csend_token<32>(p, nd, pl, y, i, weighted, wire32, rank_major, 0,
+                                 p.row_vecs, sel, threadIdx.x & 31) &&
+              chunks)
+            nd_chunk_row_warp(p, nd, pl, i, cv);
+        }
       }
     }
-  }
-  if (!cpipe && tr) nd_trace(nd, kind, c, 2);
-  if (nd_last_block(&nd.done[1])) {
-    nd.ctr[DISCO_ND_CTR_CSEND] = 0ull;
-    nd.ctr[DISCO_ND_CTR_CLATE(W)] = 0ull;
-    nd_flag_peers(nd, W, r, DISCO_ND_CFLAG, cv);
-    nd_st_release_gpu(&nd.sent[1], c); /* our own partials too */
-    nd_trace(nd, kind, c, 3);
-  }
+    if (!cpipe && tr) nd_trace(nd, kind, c, 2);
+    if (nd_last_block(&nd.done[1])) {
+      nd.ctr[DISCO_ND_CTR_CSEND] = 0ull;
+      nd.ctr[DISCO_ND_CTR_CLATE(W)] = 0ull;
+      nd_flag_peers(nd, W, r, DISCO_ND_CFLAG, cv);
+      nd_st_release_gpu(&nd.sent[1], c); /* our own partials too */
+      nd_trace(nd, kind, c, 3);
+    }
+    if (nd.phase == 1) return; /* hybrid: NCCL and the receive half follow */
+  }                            /* nd.phase != 2 */
   if (cpipe) {
     /* Every rank's status first: nothing reaches out unless all are fine. */
     ok = nd_wait_all<false>(p, nd, DISCO_ND_CSTAT, c, DISCO_ND_PHASE_CSTAT, call, &q,

@@ -23,13 +23,15 @@ extern "C" unsigned long long disco_nd_window_layout(const disco_kparams_t *p,
     nd->field = off;                                  \
     off += ((bytes) + (align)-1) / (align) * (align); \
   } while (0)
+  /* Everything but the rows and partials below off_rows: a hybrid comm's
+   * staging copy of a peer's window covers only that much (nd_hybrid.c). */
   ND_CARVE(off_flags, DISCO_ND_KINDS * W * 8u, 4096u);
   ND_CARVE(off_cnt, W * (u64)ND_CNT_WORDS(p->msg_len) * 8u, 256u);
+  ND_CARVE(off_cch, W * (u64)DISCO_ND_CHUNKS(M) * 8u, 256u);
+  ND_CARVE(off_dch, W * (u64)DISCO_ND_CHUNKS(M) * 8u, 256u);
   ND_CARVE(off_meta, W * M * (u64)p->meta_ints * 4u, 256u);
   ND_CARVE(off_rows, W * M * (u64)p->row_bytes, 256u);
   ND_CARVE(off_part, W * M * (u64)part_vecs * 16u, 256u);
-  ND_CARVE(off_cch, W * (u64)DISCO_ND_CHUNKS(M) * 8u, 256u);
-  ND_CARVE(off_dch, W * (u64)DISCO_ND_CHUNKS(M) * 8u, 256u);
 #undef ND_CARVE
   nd->part_vecs = part_vecs;
   const u64 gran = 2ull << 20; /* whole pages of the symmetric mapping */
@@ -62,52 +64,59 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
   int ok = 1, bad, code;
   const int tr = b == 0 && threadIdx.x == 0; /* the thread that traces */
   if (tr) nd_trace(nd, 0, s, 0);
-  /* 0. A batch of one layout block: block 0 makes the routing layout (one
-   * launch less); the others wait for it after the acks below. */
-  if (fuse && b == 0) {
-    extern __shared__ unsigned smem[];
-    (void)disco_layout_body(p, pl, idx, idx64, T, 0, 1, smem);
-    __syncthreads();
-    if (threadIdx.x == 0) nd_st_release_gpu(nd.lay, s);
-  }
-  /* 1. The peers have read our previous rows: we may overwrite the slots. */
-  ok = nd_wait_all<true>(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call, &bad,
-                         &code);
-  if (fuse && b != 0 && threadIdx.x == 0) ok = ok && nd_wait_block0(nd, nd.lay, s);
-  if (tr) nd_trace(nd, 0, s, 1);
-  if (!nd_block_all(ok)) return;
-  if (threadIdx.x == 0) nd_trace_max(nd, 0, s, 8);
-  const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
-  /* 2. Block 0: the count messages (self included, self-validating words); the other
-   * blocks (all, with a grid of one): rows and metadata. Flags by the last. */
-  if (b == 0) nd_send_counts(p, nd, pl, status_in, s);
-  /* Test hook: rank 0 stores what it sends to itself late, after its peers'
-   * share (a regression test for reading our own slot too early). */
-  const int late = nd.test_self_delay_ns != 0ull && r == 0;
-  const int senders = nb > 1 ? nb - 1 : 1;
-  for (int pass = 0; rows_on && st == 0 && (b > 0 || nb == 1) && pass <= late; pass++) {
-    if (pass == 1) nd_sleep(nd.test_self_delay_ns);
-    const int P = nd_parts(senders, T, p.row_vecs), S = DISCO_ND_THREADS;
-    /* the hook's second pass borrows the expand's counter (reset below, before
-     * block 0 lets the expand start) */
-    unsigned long long *c = &nd.ctr[pass == 0 ? DISCO_ND_CTR_SEND : DISCO_ND_CTR_EXPAND];
-    for (long long it = nd_share<S>(nd_ask<S>(c)), a; it < (long long)T * P;
-         it = nd_share<S>(a)) {
-      int lo, hi;
-      a = nd_ask<S>(c);
-      nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
-      nd_send_token(p, nd, pl, x, w, (int)(it / P), rank_major, lo, hi, it % P == 0,
-                    late ? pass + 1 : 0);
+  /* A hybrid comm's receive half (nd.phase 2): the send half ran as the
+   * previous launch and NCCL has brought the other hosts' counts, rows and
+   * flags into our window since (nd_hybrid.c). */
+  if (nd.phase != 2) {
+    /* 0. A batch of one layout block: block 0 makes the routing layout (one
+     * launch less); the others wait for it after the acks below. */
+    if (fuse && b == 0) {
+      extern __shared__ unsigned smem[];
+      (void)disco_layout_body(p, pl, idx, idx64, T, 0, 1, smem);
+      __syncthreads();
+      if (threadIdx.x == 0) nd_st_release_gpu(nd.lay, s);
     }
-  }
-  if (threadIdx.x == 0) nd_trace_max(nd, 0, s, 9);
-  if (nd_last_block(&nd.done[0])) {
-    nd.ctr[DISCO_ND_CTR_SEND] = 0ull;
-    nd.ctr[DISCO_ND_CTR_EXPAND] = 0ull; /* the hook's second pass */
-    nd_flag_peers(nd, W, r, DISCO_ND_DFLAG, s << 8 | (u64)(st & 255));
-    nd_st_release_gpu(&nd.sent[0], s); /* our own slot's rows and metadata too */
-    nd_trace(nd, 0, s, 3);
-  }
+    /* 1. The peers have read our previous rows: we may overwrite the slots. */
+    ok = nd_wait_all<true>(p, nd, DISCO_ND_DACK, s - 1ull, DISCO_ND_PHASE_DACK, call,
+                           &bad, &code);
+    if (fuse && b != 0 && threadIdx.x == 0) ok = ok && nd_wait_block0(nd, nd.lay, s);
+    if (tr) nd_trace(nd, 0, s, 1);
+    if (!nd_block_all(ok)) return;
+    if (threadIdx.x == 0) nd_trace_max(nd, 0, s, 8);
+    const int st = status_in != 0 ? status_in : (int)pl.msg[DISCO_MSG_CODE];
+    /* 2. Block 0: the count messages (self included, self-validating words); the other
+     * blocks (all, with a grid of one): rows and metadata. Flags by the last. */
+    if (b == 0) nd_send_counts(p, nd, pl, status_in, rows_on, s);
+    /* Test hook: rank 0 stores what it sends to itself late, after its peers'
+     * share (a regression test for reading our own slot too early). */
+    const int late = nd.test_self_delay_ns != 0ull && r == 0;
+    const int senders = nb > 1 ? nb - 1 : 1;
+    for (int pass = 0; rows_on && st == 0 && (b > 0 || nb == 1) && pass <= late; pass++) {
+      if (pass == 1) nd_sleep(nd.test_self_delay_ns);
+      const int P = nd_parts(senders, T, p.row_vecs), S = DISCO_ND_THREADS;
+      /* the hook's second pass borrows the expand's counter (reset below, before
+       * block 0 lets the expand start) */
+      unsigned long long *c =
+          &nd.ctr[pass == 0 ? DISCO_ND_CTR_SEND : DISCO_ND_CTR_EXPAND];
+      for (long long it = nd_share<S>(nd_ask<S>(c)), a; it < (long long)T * P;
+           it = nd_share<S>(a)) {
+        int lo, hi;
+        a = nd_ask<S>(c);
+        nd_piece(p.row_vecs, P, (int)(it % P), &lo, &hi);
+        nd_send_token(p, nd, pl, x, w, (int)(it / P), rank_major, lo, hi, it % P == 0,
+                      late ? pass + 1 : 0);
+      }
+    }
+    if (threadIdx.x == 0) nd_trace_max(nd, 0, s, 9);
+    if (nd_last_block(&nd.done[0])) {
+      nd.ctr[DISCO_ND_CTR_SEND] = 0ull;
+      nd.ctr[DISCO_ND_CTR_EXPAND] = 0ull; /* the hook's second pass */
+      nd_flag_peers(nd, W, r, DISCO_ND_DFLAG, s << 8 | (u64)(st & 255));
+      nd_st_release_gpu(&nd.sent[0], s); /* our own slot's rows and metadata too */
+      nd_trace(nd, 0, s, 3);
+    }
+    if (nd.phase == 1) return; /* hybrid: NCCL and the receive half follow */
+  }                            /* nd.phase != 2 */
   /* 3. Block 0: the receive plan as soon as every rank's counts are in (their
    * rows still on the way), then every source's data, this rank's own slot
    * included (written by other blocks of this grid): go. */

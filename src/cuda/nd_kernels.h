@@ -114,6 +114,15 @@ typedef struct disco_nd_params {
   int csend_pmax;    /* combine's expert side: most pieces per row (0: no cap) */
   int small_blocks;  /* most blocks of the plain dispatch kernel for few rows */
   int pipe_xg;       /* pipelined dispatch, batched expand: most rows per ticket */
+  /* Where this rank's dispatch rows (prow) and combine partials (ppart) go
+   * at each peer: its slot in the peer's window, or for a peer outside the
+   * LSA team (hybrid comm) a local staging copy that NCCL sends on
+   * (nd_hybrid.c; peer[] then points at a staging copy of the window's
+   * small regions, which the layout puts first). */
+  char *const *prow;
+  char *const *ppart;
+  const unsigned char *remote; /* device [W]: 1 = outside the LSA team; NULL: none */
+  int phase; /* 0: the whole call; hybrid: 1 the send half, 2 the receive half */
 } disco_nd_params_t;
 
 /* Work counters (dynamic sharing of a phase's items). */

@@ -44,6 +44,8 @@ static __device__ int nd_send_one(const disco_kparams_t &p, const disco_nd_param
     if (threadIdx.x == 0) pl.tok_row[(long long)t * p.kd + k] = row;
   }
   if (!cp) return row;
+  /* peer[] + offsets, not nd.prow: this kernel never runs in a hybrid comm
+   * (nd_hybrid.c), and prow here spilled ~100 bytes more per thread */
   uint4 *dst = (uint4 *)(nd.peer[d] + nd.off_rows) + ((long long)r * M + row) * nv;
   if (pre)
     nd_pre_store<DISCO_ND_THREADS>(&dst, 1, a, 0, nv, threadIdx.x);
@@ -291,7 +293,7 @@ __global__ void __launch_bounds__(DISCO_ND_THREADS, 3)
 
   /* ---- expanders: the plan as soon as the counts are in ---- */
   if (b == 0) {
-    nd_send_counts(p, nd, pl, status_in, s);
+    nd_send_counts(p, nd, pl, status_in, 1, s);
     ok = nd_wait_counts(p, nd, pl, s, call);
     if (!ok) return;
     nd_make_plan(p, nd, pl, layout, align, n_to, n_from, tpe, num_rows_out, cap, call);

@@ -21,23 +21,30 @@
  * waited for them, a flag, its poll). Word f < ml of source q: field f, as
  * a 32-bit integer (every field but DISCO_MSG_VALUE fits: counts and
  * tokens are below max_tokens, slots below K); word ml: the high half of
- * DISCO_MSG_VALUE (a caller's bad expert id, any int64). */
-#define ND_CNT_WORDS(ml) ((ml) + 1)
+ * DISCO_MSG_VALUE (a caller's bad expert id, any int64); word ml + 1: the
+ * rows this call really sends the receiver (0 for a counts-only call or a
+ * failed rank), which a hybrid comm's host reads to size its NCCL
+ * transfers (nd_hybrid.c). */
+#define ND_CNT_WORDS(ml) ((ml) + 2)
 
 /* Block 0: the count messages (pl.msg's send half, or the failed status)
- * into every rank's slot r, self included. */
+ * into every rank's slot r, self included. rows_on: rows go out with them. */
 static __device__ void nd_send_counts(const disco_kparams_t &p,
                                       const disco_nd_params_t &nd,
-                                      const disco_dev_plan_t &pl, int status_in, u64 s) {
+                                      const disco_dev_plan_t &pl, int status_in,
+                                      int rows_on, u64 s) {
   const int W = p.world, r = p.rank, ml = p.msg_len, m1 = ND_CNT_WORDS(ml);
   const u64 tag = (s & 0xffffffffull) << 32;
+  const int sends = rows_on && status_in == 0 && pl.msg[DISCO_MSG_CODE] == 0;
   for (int i = threadIdx.x; i < W * m1; i += blockDim.x) {
-    const int d = i / m1, f = i % m1, g = f == ml ? (int)DISCO_MSG_VALUE : f;
+    const int d = i / m1, f = i % m1;
+    const int g = f == ml ? (int)DISCO_MSG_VALUE : f > ml ? (int)DISCO_MSG_TOKENS : f;
     long long v;
     if (status_in == 0)
       v = pl.msg[(long long)d * ml + g];
     else
       v = g == DISCO_MSG_CODE ? status_in : g < DISCO_MSG_TOKENS ? -1 : 0;
+    if (f > ml && !sends) v = 0;
     const unsigned x = f == ml ? (unsigned)((unsigned long long)v >> 32) : (unsigned)v;
     nd_st_relaxed((u64 *)(nd.peer[d] + nd.off_cnt) + (long long)r * m1 + f, tag | x);
   }
@@ -190,7 +197,6 @@ static __device__ void nd_send_token(const disco_kparams_t &p,
                                      int hi, int first, int sel) {
   const int r = p.rank, E = p.num_experts;
   const int nc = p.num_cols, C = 32 * p.layout_warps, nv = p.row_vecs;
-  const long long M = p.max_tokens;
   const int *bb = pl.blk_base + (long long)(t / C) * nc;
   const int *dest = pl.tok_dest + (long long)t * p.kd;
   const int *dpos = pl.tok_dpos + (long long)t * p.kd;
@@ -203,8 +209,7 @@ static __device__ void nd_send_token(const disco_kparams_t &p,
       const int d = dest[k];
       if (d < 0) break;
       if ((d == r && !rank_major) || nd_skip(sel, d == r)) continue; /* expand reads x */
-      dst[n++] = (uint4 *)(nd.peer[d] + nd.off_rows) +
-                 ((long long)r * M + bb[E + d] + dpos[k]) * nv;
+      dst[n++] = (uint4 *)nd.prow[d] + ((long long)bb[E + d] + dpos[k]) * nv;
     }
     if (n > 0) nd_copy<false>(dst, n, x + (long long)t * nv, lo, hi);
   }
@@ -530,8 +535,7 @@ __device__ int nd_csend_token(const disco_kparams_t &p, const disco_nd_params_t 
   const int nq = p.dtype == DISCO_DTYPE_FP32 ? 1 : 2;
   const int q = disco_source(pl, W, i);
   if (nd_skip(sel, q == p.rank)) return 0;
-  uint4 *dst = (uint4 *)(nd.peer[q] + nd.off_part) +
-               ((long long)p.rank * p.max_tokens + (i - pl.recv_off[q])) * nd.part_vecs;
+  uint4 *dst = (uint4 *)nd.ppart[q] + (i - pl.recv_off[q]) * nd.part_vecs;
   if (rank_major && !wire32) { /* the caller reduced: the row goes back as it is */
     nd_copy_s<false, S>(&dst, 1, y + i * nv, lo, hi, tid);
     return 1;

@@ -178,9 +178,14 @@ static __device__ int nd_wait_all(const disco_kparams_t &p, const disco_nd_param
     __syncthreads();
   }
   const int alive = s_ok; /* shared writes below are atomics (racecheck-clean) */
+  /* a peer outside the LSA team (hybrid) acks nothing here: its NCCL
+   * transfers into our window are ordered after our previous call by our
+   * stream, and ours to it after its previous call by its stream */
+  const int skip_remote =
+      nd.remote != NULL && (kind == DISCO_ND_DACK || kind == DISCO_ND_CACK);
   for (int q = threadIdx.x; alive && q < p.world; q += blockDim.x) {
     u64 v = 0;
-    if (q == p.rank) continue;
+    if (q == p.rank || (skip_remote && nd.remote[q])) continue;
     if (!nd_wait<DeadFirst>(p, nd, nd_flag(nd, nd.local, p.world, kind, q), want, q,
                             phase, call, &v)) {
       atomicExch(&s_ok, 0);

@@ -163,10 +163,19 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
     DISCO_ND_TEST_SELF_DELAY_US=3000 "$T" --world "$NGPU" --filter basic
   step "test_nd (graph, timeout) W=$NGPU pipelined combine" "$OUT/test.log" 150 env \
     DISCO_ND_CPIPE_MIN_TOKENS=1 "$ND"
-  # Peer 1 marked as not load-store accessible: disco_comm_create_nccl_device
-  # must hand back a comm of the nccl backend, which passes the same table.
-  step "nccl_device create with a remote peer (falls back to nccl) W=$NGPU" "$OUT/test.log" \
-    90 env DISCO_TEST_BACKEND=nccl_device DISCO_ND_HOST_PEERS=0x2 "$T" --world "$NGPU"
+  # Hybrid comms (pretend hosts, DISCO_ND_HOST_PEERS): NCCL send/recv to the
+  # peers on the other one inside each call; the same table must pass.
+  step "nccl_device hybrid, rank 1 on another host W=$NGPU" "$OUT/test.log" \
+    120 env DISCO_TEST_BACKEND=nccl_device DISCO_ND_HOST_PEERS=0x2 "$T" --world "$NGPU"
+  if [ "$NGPU" -ge 4 ]; then
+    step "nccl_device hybrid, two hosts of 2 W=4" "$OUT/test.log" 120 env \
+      DISCO_TEST_BACKEND=nccl_device DISCO_ND_HOST_PEERS=0x3 "$T" --world 4
+  fi
+  step "nccl_device hybrid, no NVLink peer W=2" "$OUT/test.log" 120 env \
+    DISCO_TEST_BACKEND=nccl_device DISCO_ND_HOST_PEERS=0x2 "$T" --world 2
+  step "nccl_device hybrid own-slot late W=$NGPU" "$OUT/test.log" 90 env \
+    DISCO_TEST_BACKEND=nccl_device DISCO_ND_HOST_PEERS=0x5 DISCO_ND_TEST_SELF_DELAY_US=3000 \
+    "$T" --world "$NGPU" --filter basic
   # Rank 0 stores what it sends to itself 3 ms late: outputs must still be
   # exact (regression test of the own-slot ordering fix; before it, rank 0
   # expanded its own tokens as soon as its peers' flags had arrived).
@@ -175,6 +184,9 @@ if [ "$STAGE" = all ] || [ "$STAGE" = test ] || [ "$STAGE" = nd ]; then
   if [ -z "${QUICK:-}" ]; then
     step "nccl_device memcheck W=2 --small" "$OUT/memcheck.log" 150 env DISCO_TEST_BACKEND=nccl_device \
       compute-sanitizer --tool memcheck --report-api-errors no --error-exitcode 3 "$T" --world 2 --small
+    step "nccl_device memcheck W=2 --small hybrid" "$OUT/memcheck.log" 150 env \
+      DISCO_TEST_BACKEND=nccl_device DISCO_ND_HOST_PEERS=0x2 compute-sanitizer --tool memcheck \
+      --report-api-errors no --error-exitcode 3 "$T" --world 2 --small
     step "nccl_device memcheck W=2 --small pipelined" "$OUT/memcheck.log" 150 env \
       DISCO_TEST_BACKEND=nccl_device DISCO_ND_PIPE_MIN_TOKENS=1 DISCO_ND_DCHUNK_ROWS=64 \
       DISCO_ND_DCHUNK_MIN_KB=0 compute-sanitizer --tool memcheck \

@@ -6,8 +6,9 @@
  * come from disco_comm_check(comm, 1), which this test calls after every
  * call that returned DISCO_SUCCESS and takes as the call's outcome; the
  * expected codes are the same on both backends. With DISCO_ND_HOST_PEERS
- * set (a peer marked as not load-store accessible), the nccl_device create
- * must fall back to a comm of the nccl backend, which the table then tests.
+ * set (the ranks split into two pretend hosts), the nccl_device comm is
+ * hybrid: NCCL send/recv to the other host inside each call, caps 0; the
+ * whole table must pass through it all the same.
  * Prints SKIP and exits 0 only when there is no GPU. */
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,8 +19,9 @@
 #include "gpu_world.h"
 
 /* Backend under test (DISCO_TEST_BACKEND), set once in main: g_nd_create,
- * the create function called; g_nd, the backend expected to come back. */
-static int g_nd, g_nd_create;
+ * the create function called; g_nd, the backend expected to come back;
+ * g_hybrid: a comm with pretend peers on another host (caps 0). */
+static int g_nd, g_nd_create, g_hybrid;
 static const char *g_backend = "nccl";
 
 enum { PLAIN, LAYOUT, REPEAT, REDISPATCH };
@@ -250,7 +252,9 @@ static void rank_body(int r, void *arg) {
                    both = DISCO_CAP_NO_HOST_SYNC | DISCO_CAP_GRAPH;
     if (strcmp(disco_comm_backend(comm), g_backend) != 0)
       fail(x, r, "backend name '%s' %lld %lld", disco_comm_backend(comm), 0, 0);
-    if (g_nd ? (caps & both) != both : (caps & DISCO_CAP_NO_HOST_SYNC) != 0)
+    if (g_hybrid ? caps != 0u
+        : g_nd   ? (caps & both) != both
+                 : (caps & DISCO_CAP_NO_HOST_SYNC) != 0)
       fail(x, r, "disco_comm_caps = %s0x%llx %lld", "", (long long)caps, 0);
   }
   if (comm && disco_handle_create(comm, &h) != DISCO_SUCCESS)
@@ -356,6 +360,19 @@ static void rank_body(int r, void *arg) {
     a.n_tokens_from_rank = d.nfrom;
     a.tokens_per_expert = d.tpe;
     a.num_recv_rows = d.nrows;
+    /* A hybrid comm's dispatch reads counts on the host: capturing one is
+     * refused before anything is enqueued, and the comm stays usable (the
+     * calls below must still be exact). */
+    if (g_hybrid && it == 0 && !strcmp(c->name, "basic")) {
+      cudaGraph_t g = NULL;
+      CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+      rc = disco_dispatch(comm, h, &a);
+      CUDA(cudaStreamEndCapture(stream, &g));
+      if (g != NULL) CUDA(cudaGraphDestroy(g));
+      if (rc != DISCO_ERR_NOT_SUPPORTED || strstr(disco_last_error(), "rank") == NULL)
+        fail(x, r, "captured hybrid dispatch: %s, got %lld, expected %lld",
+             disco_last_error(), rc, DISCO_ERR_NOT_SUPPORTED);
+    }
     for (int pass = 0; pass < (c->mode == REDISPATCH ? 2 : 1); pass++) {
       CUDA(cudaMemset(d.rx, 0xA5, (size_t)cap_max * rb));
       CUDA(cudaMemset(d.sr, 0xA5, (size_t)cap_max * 4));
@@ -561,8 +578,9 @@ int main(int argc, char **argv) {
     if (!strcmp(be, "nccl_device")) {
       const char *hp = getenv("DISCO_ND_HOST_PEERS");
       g_nd_create = 1;
-      g_nd = hp == NULL || strtoull(hp, NULL, 0) == 0ull; /* else: falls back */
-      g_backend = g_nd ? "nccl_device" : "nccl";
+      g_nd = 1;
+      g_hybrid = hp != NULL && strtoull(hp, NULL, 0) != 0ull;
+      g_backend = "nccl_device";
     } else if (strcmp(be, "nccl") != 0) {
       fprintf(stderr, "DISCO_TEST_BACKEND=%s: expected nccl or nccl_device\n", be);
       return 2;

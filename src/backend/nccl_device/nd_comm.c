@@ -237,6 +237,7 @@ static void nd_handle_fini(disco_comm_t *comm, disco_handle_t *handle) {
   if (pl == NULL) return;
   cudaFree(pl->dev_mem);
   cudaFreeHost(pl->host_msg);
+  free(pl->rows);
   free(pl);
   handle->backend_plan = NULL;
 }
@@ -250,6 +251,12 @@ static disco_result_t nd_handle_init(disco_comm_t *comm, disco_handle_t *handle)
     return disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn,
                        comm->rank);
   handle->backend_plan = pl;
+  pl->rows = calloc(2u * (size_t)comm->world_size, sizeof(int64_t));
+  if (pl->rows == NULL) {
+    rc = disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn,
+                     comm->rank);
+    goto fail;
+  }
   rc = disco_nccl_cuda(cudaSetDevice(st->device), fn, "cudaSetDevice", comm->rank);
   if (rc != DISCO_SUCCESS) goto fail;
   size_t bytes = disco_nccl_plan_carve(&st->kp, &pl->dev, NULL);
@@ -288,6 +295,7 @@ static void nd_destroy(disco_comm_t *comm) {
     if (st->win_registered) ncclCommWindowDeregister(st->nccl, st->win);
     if (st->win_mem != NULL) ncclMemFree(st->win_mem);
   } /* else the window stays with the NCCL comm (the caller aborts it) */
+  disco_nd_links_free(st);
   cudaFree(st->kp.blk_cnt);
   cudaFree(st->kp.err_key);
   cudaFree(st->small);
@@ -307,6 +315,24 @@ static const disco_backend_ops_t disco_nd_ops = {
     .handle_init = nd_handle_init,
     .handle_fini = nd_handle_fini,
     .caps = DISCO_CAP_NO_HOST_SYNC | DISCO_CAP_GRAPH,
+    .full_rounds = 1,
+    .check = nd_check,
+    .combine_abort = disco_nd_combine_abort,
+    .destroy = nd_destroy,
+};
+
+/* Peers on other hosts (nd_hybrid.c): the same calls, which then read the
+ * remote row counts on the host and cannot be captured. */
+static const disco_backend_ops_t disco_nd_hybrid_ops = {
+    .name = "nccl_device",
+    .device_memory = 1,
+    .dispatch = disco_nd_dispatch,
+    .combine = disco_nd_combine,
+    .dispatch_abort = disco_nd_dispatch_abort,
+    .handle_init = nd_handle_init,
+    .handle_fini = nd_handle_fini,
+    .caps = 0u,
+    .full_rounds = 1,
     .check = nd_check,
     .combine_abort = disco_nd_combine_abort,
     .destroy = nd_destroy,
@@ -416,6 +442,8 @@ static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {
   st->nd.csend_pmax = nd_env_int("DISCO_ND_CSEND_PIECES", ND_CSEND_PIECES, 0);
   st->nd.small_blocks = nd_env_int("DISCO_ND_SMALL_BLOCKS", sms, 1);
   st->nd.pipe_xg = nd_env_int("DISCO_ND_PIPE_XG", ND_PIPE_XG, 1);
+  /* Hybrid: the plain kernels only (their halves run as two launches). */
+  if (st->hybrid) st->nd.tune |= DISCO_ND_TUNE_NO_PIPE | DISCO_ND_TUNE_NO_CPIPE;
   p->lerr = st->drec;
   rc = disco_nd_trace_init(st, r, fn);
   if (rc != DISCO_SUCCESS) return rc;
@@ -442,22 +470,18 @@ static disco_result_t nd_make(disco_comm_t *comm, ncclComm_t nccl, int device,
   comm->backend_state = st;
   st->nccl = nccl;
   st->device = device;
-  /* Peers beyond this NVLink domain: nothing to set up here, the comm is
-   * remade as nccl once every rank agrees (*extra is compared: 1 here, at
-   * least 513 below). */
+  /* Peers beyond this NVLink domain: a hybrid comm (nd_hybrid.c). */
   const int n = disco_nd_lsa_count(nccl, comm->world_size);
   if (n < 0)
     return disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn,
                        comm->rank);
-  if (n < comm->world_size) {
-    st->fallback = 1;
-    *extra = 1;
-    return DISCO_SUCCESS;
-  }
+  st->hybrid = n < comm->world_size;
+  if (st->hybrid) comm->ops = &disco_nd_hybrid_ops;
   disco_result_t rc = nd_setup(comm, fn);
-  /* Senders and receivers must cut rows the same way: these two must agree. */
-  *extra = (int64_t)st->nd.dch_rows << 32 | (int64_t)st->nd.cch_rows << 3 |
-           (int64_t)st->nd.dparts;
+  /* Senders and receivers must cut rows the same way and agree on the
+   * hybrid protocol: these must agree. */
+  *extra = (int64_t)st->hybrid << 62 | (int64_t)st->nd.dch_rows << 32 |
+           (int64_t)st->nd.cch_rows << 3 | (int64_t)st->nd.dparts;
   return rc;
 }
 
@@ -478,14 +502,6 @@ disco_result_t disco_comm_create_nccl_device(ncclComm_t nccl_comm,
       nd_make, &comm);
   if (rc != DISCO_SUCCESS) return rc;
   disco_nd_state_t *st = comm->backend_state;
-  if (st->fallback) {
-    /* Every rank agreed (disco_nccl_create compared the flag): the whole
-     * comm goes host-initiated, disco_comm_backend() says "nccl" and the caps
-     * lack NO_HOST_SYNC and GRAPH (decision 20). Nothing collective was set
-     * up, so this destroy is local. */
-    disco_comm_destroy(comm);
-    return disco_comm_create_nccl(nccl_comm, config, out);
-  }
   const int rank = comm->rank, world = comm->world_size;
   /* Collective from here on: every rank got this far. */
   rc = disco_nccl_nccl(ncclCommWindowRegister(nccl_comm, st->win_mem, st->win_bytes,
@@ -499,14 +515,11 @@ disco_result_t disco_comm_create_nccl_device(ncclComm_t nccl_comm,
                           (char **)st->nd.peer, &st->dev_comm, &all_lsa, &lsa_size),
       fn, "ncclDevCommCreate", rank);
   if (rc != DISCO_SUCCESS) goto fail;
-  if (!all_lsa) {
-    rc =
-        disco_error(DISCO_ERR_NOT_SUPPORTED,
-                    "%s: only %d of %d ranks are load-store accessible from rank %d (one "
-                    "NVLink domain needed; use disco_comm_create_nccl across nodes)",
-                    fn, lsa_size, world, rank);
-    goto fail;
-  }
+  (void)all_lsa;
+  (void)lsa_size;
+  /* Local from here: where our stores go, staging for the other hosts. */
+  rc = disco_nd_links_setup(comm, fn);
+  if (rc != DISCO_SUCCESS) goto fail;
   *out = comm;
   return DISCO_SUCCESS;
 fail:

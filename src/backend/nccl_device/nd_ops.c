@@ -57,7 +57,8 @@ disco_result_t disco_nd_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   if (layout_only) {
     kp.lerr = NULL; /* the host reads the statuses back itself */
     io.capacity = INT64_MAX;
-    CK_CUDA(disco_nd_k_dispatch(&kp, &st->nd, dp, &io, stream), "dispatch kernel");
+    rc = disco_nd_run_dispatch(comm, pl, &kp, &io, stream, fn);
+    if (rc != DISCO_SUCCESS) goto done;
     CK_CUDA(
         cudaMemcpyAsync(pl->host_msg, dp->msg, 2u * (size_t)W * (size_t)kp.msg_len * 8u,
                         cudaMemcpyDeviceToHost, stream),
@@ -83,8 +84,8 @@ disco_result_t disco_nd_dispatch(disco_comm_t *comm, disco_handle_t *handle,
   io.tokens_per_expert = args->tokens_per_expert;
   io.num_recv_rows = args->num_recv_rows;
   io.capacity = args->recv_x ? args->recv_capacity : 0;
-  CK_CUDA(disco_nd_k_dispatch(&kp, &st->nd, dp, &io, stream), "dispatch kernel");
-  rc = disco_nd_mark(comm, stream, fn);
+  rc = disco_nd_run_dispatch(comm, pl, &kp, &io, stream, fn);
+  if (rc == DISCO_SUCCESS) rc = disco_nd_mark(comm, stream, fn);
   *num_rows = -1; /* on the device only (args->num_recv_rows) */
 done:
   return rc;
@@ -104,7 +105,7 @@ void disco_nd_dispatch_abort(disco_comm_t *comm, disco_handle_t *handle, void *s
   /* Peers latch DISCO_ERR_REMOTE from this rank's status; this rank's own
    * error is the call's return value, so it is not latched here. */
   kp.lerr = NULL;
-  if (disco_nd_k_dispatch(&kp, &st->nd, &pl->dev, &io, stream) == cudaSuccess)
+  if (disco_nd_run_dispatch(comm, pl, &kp, &io, stream, fn) == DISCO_SUCCESS)
     (void)disco_nd_mark(comm, stream, fn);
 }
 
@@ -123,12 +124,11 @@ static disco_result_t nd_combine(disco_comm_t *comm, disco_handle_t *handle,
   if (rc != DISCO_SUCCESS) return rc;
   if (code != DISCO_SUCCESS) kp.lerr = NULL; /* returned by the call itself */
   CK_CUDA(cudaSetDevice(st->device), "cudaSetDevice");
-  CK_CUDA(disco_nd_k_combine(&kp, &st->nd, &pl->dev, args ? args->y : NULL,
-                             args ? args->y_rows : -1, args ? args->weighted : 0, wire32,
-                             rank_major, (int)code, args ? args->out : NULL,
-                             code != DISCO_SUCCESS ? 0 : handle->num_tokens, stream),
-          "combine kernel");
-  rc = disco_nd_mark(comm, stream, fn);
+  rc = disco_nd_run_combine(comm, pl, &kp, args ? args->y : NULL, args ? args->y_rows : -1,
+                            args ? args->weighted : 0, wire32, rank_major, (int)code,
+                            args ? args->out : NULL,
+                            code != DISCO_SUCCESS ? 0 : handle->num_tokens, stream, fn);
+  if (rc == DISCO_SUCCESS) rc = disco_nd_mark(comm, stream, fn);
 done:
   return rc;
 }

@@ -21,15 +21,20 @@ __global__ void nd_peer_kernel(ncclWindow_t win, const int *lsa_of, int world, i
 
 /* Every peer's rank in this rank's LSA team (-1: not load-store accessible);
  * returns how many are. Local: NCCL derives the team from the topology.
- * Test hook: DISCO_ND_HOST_PEERS=<mask> marks peers as not accessible. */
+ * Test hook: DISCO_ND_HOST_PEERS=<mask> splits the ranks below 64 into two
+ * pretend hosts, those in the mask and the others: a peer on the other one
+ * is treated as not accessible (both ways, as real hosts are). */
 static int nd_lsa_of(ncclComm_t comm, int world, int *lsa_of) {
   ncclTeam_t lsa = ncclTeamLsa(comm), wt = ncclTeamWorld(comm);
-  int n = 0;
+  int n = 0, me = 0;
   const char *env = getenv("DISCO_ND_HOST_PEERS");
   const unsigned long long mask = env != NULL ? strtoull(env, NULL, 0) : 0ull;
+  if (ncclCommUserRank(comm, &me) != ncclSuccess) me = -1;
   for (int p = 0; p < world; p++) {
     lsa_of[p] = ncclTeamRankIsMember(lsa, wt, p) ? ncclTeamRankToTeam(lsa, wt, p) : -1;
-    if (p < 64 && ((mask >> p) & 1ull)) lsa_of[p] = -1;
+    if (mask != 0ull && p != me && me >= 0 && me < 64 && p < 64 &&
+        (((mask >> p) ^ (mask >> me)) & 1ull))
+      lsa_of[p] = -1;
     n += lsa_of[p] >= 0;
   }
   return n;
