@@ -124,9 +124,9 @@ static disco_result_t nd_combine(disco_comm_t *comm, disco_handle_t *handle,
   if (rc != DISCO_SUCCESS) return rc;
   if (code != DISCO_SUCCESS) kp.lerr = NULL; /* returned by the call itself */
   CK_CUDA(cudaSetDevice(st->device), "cudaSetDevice");
-  rc = disco_nd_run_combine(comm, pl, &kp, args ? args->y : NULL, args ? args->y_rows : -1,
-                            args ? args->weighted : 0, wire32, rank_major, (int)code,
-                            args ? args->out : NULL,
+  rc = disco_nd_run_combine(comm, pl, &kp, args ? args->y : NULL,
+                            args ? args->y_rows : -1, args ? args->weighted : 0, wire32,
+                            rank_major, (int)code, args ? args->out : NULL,
                             code != DISCO_SUCCESS ? 0 : handle->num_tokens, stream, fn);
   if (rc == DISCO_SUCCESS) rc = disco_nd_mark(comm, stream, fn);
 done:
