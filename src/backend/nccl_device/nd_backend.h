@@ -49,8 +49,7 @@ typedef struct disco_nd_plan {
 
 /* nd_setup.cu */
 ncclResult_t disco_nd_dev_create(ncclComm_t comm, ncclWindow_t win, int world, int rank,
-                                 char *local, char **peer, void **dev_comm, int *all_lsa,
-                                 int *lsa_size);
+                                 char *local, char **peer, void **dev_comm);
 ncclResult_t disco_nd_dev_destroy(ncclComm_t comm, void *dev_comm);
 /* Peers this rank reaches by load/store (itself included), -1 out of memory. */
 int disco_nd_lsa_count(ncclComm_t comm, int world);

@@ -509,14 +509,10 @@ disco_result_t disco_comm_create_nccl_device(ncclComm_t nccl_comm,
                        fn, "ncclCommWindowRegister", rank);
   if (rc != DISCO_SUCCESS) goto fail; /* NCCL failed on every rank or it is stuck */
   st->win_registered = 1;
-  int all_lsa = 0, lsa_size = 0;
-  rc = disco_nccl_nccl(
-      disco_nd_dev_create(nccl_comm, st->win, world, rank, st->win_mem,
-                          (char **)st->nd.peer, &st->dev_comm, &all_lsa, &lsa_size),
-      fn, "ncclDevCommCreate", rank);
+  rc = disco_nccl_nccl(disco_nd_dev_create(nccl_comm, st->win, world, rank, st->win_mem,
+                                           (char **)st->nd.peer, &st->dev_comm),
+                       fn, "ncclDevCommCreate", rank);
   if (rc != DISCO_SUCCESS) goto fail;
-  (void)all_lsa;
-  (void)lsa_size;
   /* Local from here: where our stores go, staging for the other hosts. */
   rc = disco_nd_links_setup(comm, fn);
   if (rc != DISCO_SUCCESS) goto fail;

@@ -50,15 +50,12 @@ extern "C" int disco_nd_lsa_count(ncclComm_t comm, int world) {
 
 extern "C" ncclResult_t disco_nd_dev_create(ncclComm_t comm, ncclWindow_t win, int world,
                                             int rank, char *local, char **peer,
-                                            void **dev_comm, int *all_lsa,
-                                            int *lsa_size) {
+                                            void **dev_comm) {
   ncclDevComm *dc = (ncclDevComm *)calloc(1, sizeof(ncclDevComm));
   int *lsa_of = (int *)calloc((size_t)world, sizeof(int));
   int *dev_lsa = NULL;
   ncclResult_t r = ncclSuccess;
   *dev_comm = NULL;
-  *all_lsa = 0;
-  *lsa_size = 0;
   if (dc == NULL || lsa_of == NULL) {
     free(dc);
     free(lsa_of);
@@ -79,8 +76,7 @@ extern "C" ncclResult_t disco_nd_dev_create(ncclComm_t comm, ncclWindow_t win, i
     return r;
   }
   *dev_comm = dc;
-  *lsa_size = dc->lsaSize;
-  *all_lsa = nd_lsa_of(comm, world, lsa_of) == world;
+  (void)nd_lsa_of(comm, world, lsa_of); /* peers not in it: peer[] NULL */
   if (cudaMalloc((void **)&dev_lsa, (size_t)world * sizeof(int)) != cudaSuccess ||
       cudaMemcpy(dev_lsa, lsa_of, (size_t)world * sizeof(int), cudaMemcpyHostToDevice) !=
           cudaSuccess) {
