@@ -25,14 +25,16 @@ typedef struct disco_nd_state {
    * inside each call (nd_hybrid.c). */
   int hybrid;
   int nremote;
-  int *remote_rank;         /* host [nremote] */
-  void *stage;              /* device: per remote peer, what goes to it */
-  size_t stage_bytes;       /* per remote peer */
-  void *links;              /* device: nd.prow [W], nd.ppart [W], nd.remote [W] */
-  unsigned long long *hcnt; /* pinned: count words read back, [nremote][2][m1] */
-  void *land;               /* host: copies from receive staging into the window */
-  void *dev_comm;           /* ncclDevComm, owned by nd_setup.cu */
-  void *small;              /* device: seq, done, cstat, fatal, peer[] */
+  int *remote_rank;   /* host [nremote] */
+  void *stage;        /* device: per remote peer, what goes to it */
+  size_t stage_bytes; /* per remote peer */
+  void *links;        /* device: nd.prow [W], nd.ppart [W], nd.remote [W] */
+  unsigned long long
+      *hcnt;      /* pinned: the staging copies' count words, [nremote][W][m1] */
+  void *land;     /* host: copies from receive staging into the window */
+  int nland;      /* ... queued by the NCCL group in progress */
+  void *dev_comm; /* ncclDevComm, owned by nd_setup.cu */
+  void *small;    /* device: seq, done, cstat, fatal, peer[] */
   unsigned long long *hrec; /* mapped host: [2][DISCO_LATCH_WORDS] per-call, fatal */
   unsigned long long *drec; /* its device address */
   cudaEvent_t last;         /* recorded after each enqueued (not captured) call */

@@ -306,37 +306,21 @@ static void nd_destroy(disco_comm_t *comm) {
   comm->backend_state = NULL;
 }
 
-static const disco_backend_ops_t disco_nd_ops = {
-    .name = "nccl_device",
-    .device_memory = 1,
-    .dispatch = disco_nd_dispatch,
-    .combine = disco_nd_combine,
-    .dispatch_abort = disco_nd_dispatch_abort,
-    .handle_init = nd_handle_init,
-    .handle_fini = nd_handle_fini,
-    .caps = DISCO_CAP_NO_HOST_SYNC | DISCO_CAP_GRAPH,
-    .full_rounds = 1,
-    .check = nd_check,
-    .combine_abort = disco_nd_combine_abort,
-    .destroy = nd_destroy,
-};
-
-/* Peers on other hosts (nd_hybrid.c): the same calls, which then read the
- * remote row counts on the host and cannot be captured. */
-static const disco_backend_ops_t disco_nd_hybrid_ops = {
-    .name = "nccl_device",
-    .device_memory = 1,
-    .dispatch = disco_nd_dispatch,
-    .combine = disco_nd_combine,
-    .dispatch_abort = disco_nd_dispatch_abort,
-    .handle_init = nd_handle_init,
-    .handle_fini = nd_handle_fini,
-    .caps = 0u,
-    .full_rounds = 1,
-    .check = nd_check,
-    .combine_abort = disco_nd_combine_abort,
-    .destroy = nd_destroy,
-};
+/* One table per capability set; a comm with peers on other hosts
+ * (nd_hybrid.c) makes the same calls, which then read the remote row counts
+ * on the host and cannot be captured. */
+#define ND_OPS(caps_)                                                              \
+  {                                                                                \
+    .name = "nccl_device", .device_memory = 1, .dispatch = disco_nd_dispatch,      \
+    .combine = disco_nd_combine, .dispatch_abort = disco_nd_dispatch_abort,        \
+    .handle_init = nd_handle_init, .handle_fini = nd_handle_fini, .caps = (caps_), \
+    .full_rounds = 1, .check = nd_check, .combine_abort = disco_nd_combine_abort,  \
+    .destroy = nd_destroy,                                                         \
+  }
+static const disco_backend_ops_t disco_nd_ops =
+    ND_OPS(DISCO_CAP_NO_HOST_SYNC | DISCO_CAP_GRAPH);
+static const disco_backend_ops_t disco_nd_hybrid_ops = ND_OPS(0u);
+#undef ND_OPS
 
 /* Local resources (no collective call). */
 static disco_result_t nd_setup(disco_comm_t *comm, const char *fn) {

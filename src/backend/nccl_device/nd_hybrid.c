@@ -93,7 +93,8 @@ disco_result_t disco_nd_links_setup(disco_comm_t *comm, const char *fn) {
       rc = disco_error(DISCO_ERR_OUT_OF_MEMORY, "%s: out of memory on rank %d", fn, r);
     if (rc == DISCO_SUCCESS)
       rc = disco_nccl_cuda(
-          cudaMallocHost((void **)&st->hcnt, 2u * (size_t)st->nremote * (size_t)m1 * 8u),
+          cudaMallocHost((void **)&st->hcnt,
+                         (size_t)st->nremote * (size_t)W * (size_t)m1 * 8u),
           fn, "cudaMallocHost(counts)", r);
     if (rc != DISCO_SUCCESS) goto done;
   }
@@ -164,27 +165,52 @@ static disco_result_t nd_not_capturing(disco_comm_t *comm, cudaStream_t stream,
   return rc;
 }
 
-static disco_result_t nd_group_end(disco_comm_t *comm, disco_result_t rc,
-                                   const char *fn) {
+static char *nd_stage(const disco_nd_state_t *st, int i) {
+  return (char *)st->stage + (size_t)i * st->stage_bytes;
+}
+
+/* Offset of flag `kind` of rank q in a window (or its staging copy). */
+static size_t nd_flag_off(const disco_nd_state_t *st, int kind, int q) {
+  return st->nd.off_flags + ((size_t)kind * (size_t)st->kp.world + (size_t)q) * 8u;
+}
+
+static disco_result_t nd_group_start(disco_comm_t *comm, const char *fn) {
   disco_nd_state_t *st = comm->backend_state;
+  st->nland = 0;
+  return disco_nccl_nccl(ncclGroupStart(), fn, "ncclGroupStart", comm->rank);
+}
+
+/* Ends the group (rc: how its calls went), then lands what it received in
+ * the window, in stream order before the receive half. */
+static disco_result_t nd_group_finish(disco_comm_t *comm, disco_result_t rc,
+                                      cudaStream_t stream, const char *fn) {
+  disco_nd_state_t *st = comm->backend_state;
+  const nd_land_t *land = st->land;
   if (rc != DISCO_SUCCESS) {
     ncclGroupEnd(); /* close the group after a failed call inside */
     return rc;
   }
   const ncclResult_t e = ncclGroupEnd();
   if (e == ncclInProgress) /* non-blocking comm: wait for the enqueue */
-    return disco_nccl_poll(st->nccl, NULL, comm->timeout_ms, fn, "ncclGroupEnd",
-                           comm->rank);
-  return disco_nccl_nccl(e, fn, "ncclGroupEnd", comm->rank);
+    rc =
+        disco_nccl_poll(st->nccl, NULL, comm->timeout_ms, fn, "ncclGroupEnd", comm->rank);
+  else
+    rc = disco_nccl_nccl(e, fn, "ncclGroupEnd", comm->rank);
+  for (int i = 0; i < st->nland && rc == DISCO_SUCCESS; i++)
+    rc = disco_nccl_cuda(cudaMemcpyAsync(land[i].dst, land[i].src, land[i].bytes,
+                                         cudaMemcpyDeviceToDevice, stream),
+                         fn, "cudaMemcpyAsync(into the window)", comm->rank);
+  return rc;
 }
 
-/* Sends n bytes at s to peer d and receives m bytes from d into staging t
- * bound for the window at w (either may be 0: skipped; both sides skip
+/* Inside a group: sends n bytes at s to peer d and receives m bytes from d
+ * into staging t, to land at w (either may be 0: skipped; both sides skip
  * alike, the sizes being exchanged). */
 static disco_result_t nd_xfer(disco_comm_t *comm, int d, const void *s, size_t n, void *t,
-                              void *w, size_t m, nd_land_t *land, int *nland,
-                              cudaStream_t stream, const char *fn, const char *what) {
+                              void *w, size_t m, cudaStream_t stream, const char *fn,
+                              const char *what) {
   disco_nd_state_t *st = comm->backend_state;
+  nd_land_t *land = st->land;
   disco_result_t rc = DISCO_SUCCESS;
   if (n > 0)
     rc = disco_nccl_nccl(ncclSend(s, n, ncclChar, d, st->nccl, stream), fn, what,
@@ -192,32 +218,32 @@ static disco_result_t nd_xfer(disco_comm_t *comm, int d, const void *s, size_t n
   if (rc == DISCO_SUCCESS && m > 0) {
     rc = disco_nccl_nccl(ncclRecv(t, m, ncclChar, d, st->nccl, stream), fn, what,
                          comm->rank);
-    land[*nland].dst = w;
-    land[*nland].src = t;
-    land[(*nland)++].bytes = m;
+    land[st->nland].dst = w;
+    land[st->nland].src = t;
+    land[st->nland++].bytes = m;
   }
   return rc;
 }
 
-/* The group's landings into the window, in stream order before the
- * receive half. */
-static disco_result_t nd_land_all(disco_comm_t *comm, const nd_land_t *land, int n,
-                                  cudaStream_t stream, const char *fn) {
-  disco_result_t rc = DISCO_SUCCESS;
-  for (int i = 0; i < n && rc == DISCO_SUCCESS; i++)
-    rc = disco_nccl_cuda(cudaMemcpyAsync(land[i].dst, land[i].src, land[i].bytes,
-                                         cudaMemcpyDeviceToDevice, stream),
-                         fn, "cudaMemcpyAsync(into the window)", comm->rank);
-  return rc;
+/* The same for the window's small regions with remote peer i = rank d:
+ * ours from offset `from` of its staging copy, d's into offset `to` of the
+ * copy, landing at `to` in the window. */
+static disco_result_t nd_xfer_small(disco_comm_t *comm, int i, int d, size_t from,
+                                    size_t n, size_t to, size_t m, cudaStream_t stream,
+                                    const char *fn, const char *what) {
+  disco_nd_state_t *st = comm->backend_state;
+  char *s = nd_stage(st, i);
+  return nd_xfer(comm, d, s + from, n, s + to, (char *)st->win_mem + to, m, stream, fn,
+                 what);
 }
 
-/* Flag `kind` of rank q in window (or staging copy) base. */
-static char *nd_flag_at(const disco_nd_state_t *st, char *base, int kind, int q) {
-  return base + st->nd.off_flags + ((size_t)kind * (size_t)st->kp.world + (size_t)q) * 8u;
-}
-
-static char *nd_stage(const disco_nd_state_t *st, int i) {
-  return (char *)st->stage + (size_t)i * st->stage_bytes;
+/* Flag `kind`, ours to remote peer i = rank d and d's to us. */
+static disco_result_t nd_xfer_flag(disco_comm_t *comm, int i, int d, int kind,
+                                   cudaStream_t stream, const char *fn) {
+  disco_nd_state_t *st = comm->backend_state;
+  return nd_xfer_small(comm, i, d, nd_flag_off(st, kind, comm->rank), 8u,
+                       nd_flag_off(st, kind, d), 8u, stream, fn,
+                       "ncclSend/ncclRecv(flag)");
 }
 
 /* The count words to and from every remote peer, read back: rows[d] = rows
@@ -227,49 +253,39 @@ static disco_result_t nd_counts(disco_comm_t *comm, int64_t *rows, cudaStream_t 
                                 const char *fn) {
   disco_nd_state_t *st = comm->backend_state;
   const int W = comm->world_size, r = comm->rank, ml = st->kp.msg_len, m1 = ml + 2;
-  const size_t cb = (size_t)m1 * 8u;
-  char *local = st->win_mem;
-  nd_land_t *land = st->land;
-  int nland = 0;
-  disco_result_t rc = disco_nccl_nccl(ncclGroupStart(), fn, "ncclGroupStart", r);
+  const size_t cb = (size_t)m1 * 8u, cnt = st->nd.off_cnt;
+  disco_result_t rc = nd_group_start(comm, fn);
   if (rc != DISCO_SUCCESS) return rc;
   for (int i = 0; i < st->nremote && rc == DISCO_SUCCESS; i++) {
     const int d = st->remote_rank[i];
-    const size_t at = st->nd.off_cnt + (size_t)d * cb;
-    rc = nd_xfer(comm, d, nd_stage(st, i) + st->nd.off_cnt + (size_t)r * cb, cb,
-                 nd_stage(st, i) + at, local + at, cb, land, &nland, stream, fn,
-                 "ncclSend/ncclRecv(counts)");
+    rc = nd_xfer_small(comm, i, d, cnt + (size_t)r * cb, cb, cnt + (size_t)d * cb, cb,
+                       stream, fn, "ncclSend/ncclRecv(counts)");
   }
-  rc = nd_group_end(comm, rc, fn);
-  if (rc == DISCO_SUCCESS) rc = nd_land_all(comm, land, nland, stream, fn);
-  for (int i = 0; i < st->nremote && rc == DISCO_SUCCESS; i++) {
-    const int d = st->remote_rank[i];
-    unsigned long long *h = st->hcnt + (size_t)2 * i * m1;
+  rc = nd_group_finish(comm, rc, stream, fn);
+  /* A staging copy's count words hold both messages: ours (slot r), d's
+   * (slot d): one read each. */
+  for (int i = 0; i < st->nremote && rc == DISCO_SUCCESS; i++)
     rc = disco_nccl_cuda(
-        cudaMemcpyAsync(h, nd_stage(st, i) + st->nd.off_cnt + (size_t)r * cb, cb,
-                        cudaMemcpyDeviceToHost, stream),
+        cudaMemcpyAsync(st->hcnt + (size_t)i * W * m1, nd_stage(st, i) + cnt,
+                        (size_t)W * cb, cudaMemcpyDeviceToHost, stream),
         fn, "cudaMemcpyAsync(counts)", r);
-    if (rc == DISCO_SUCCESS)
-      rc =
-          disco_nccl_cuda(cudaMemcpyAsync(h + m1, local + st->nd.off_cnt + (size_t)d * cb,
-                                          cb, cudaMemcpyDeviceToHost, stream),
-                          fn, "cudaMemcpyAsync(counts)", r);
-  }
   if (rc == DISCO_SUCCESS) rc = disco_nd_mark(comm, stream, fn);
   if (rc == DISCO_SUCCESS) rc = disco_nd_wait_last(comm, fn);
   if (rc == DISCO_SUCCESS) rc = disco_nd_fatal(comm);
   for (int d = 0; d < 2 * W; d++) rows[d] = 0;
   for (int i = 0; i < st->nremote && rc == DISCO_SUCCESS; i++) {
     const int d = st->remote_rank[i];
-    const unsigned long long *h = st->hcnt + (size_t)2 * i * m1;
+    const unsigned long long *h = st->hcnt + (size_t)i * W * m1;
+    const unsigned long long ours = h[(size_t)r * m1 + ml + 1];
+    const unsigned long long theirs = h[(size_t)d * m1 + ml + 1];
     /* both messages carry this call's sequence in their high halves */
-    if (h[ml + 1] >> 32 != h[m1 + ml + 1] >> 32)
+    if (ours >> 32 != theirs >> 32)
       return disco_error(DISCO_ERR_INTERNAL,
                          "%s: rank %d's count message is from call %llu, ours from "
                          "call %llu (rank %d)",
-                         fn, d, h[m1 + ml + 1] >> 32, h[ml + 1] >> 32, r);
-    rows[d] = (int64_t)(unsigned)h[ml + 1];
-    rows[W + d] = (int64_t)(unsigned)h[m1 + ml + 1];
+                         fn, d, theirs >> 32, ours >> 32, r);
+    rows[d] = (int64_t)(unsigned)ours;
+    rows[W + d] = (int64_t)(unsigned)theirs;
     if (rows[W + d] > st->kp.max_tokens)
       return disco_error(
           DISCO_ERR_INTERNAL,
@@ -288,10 +304,7 @@ disco_result_t disco_nd_run_dispatch(disco_comm_t *comm, disco_nd_plan_t *pl,
     return disco_nccl_cuda(disco_nd_k_dispatch(kp, &st->nd, &pl->dev, io, stream), fn,
                            "dispatch kernel", r);
   const size_t M = (size_t)st->kp.max_tokens, rb = (size_t)st->kp.row_bytes;
-  const size_t mb = (size_t)st->kp.meta_ints * 4u;
-  char *local = st->win_mem;
-  nd_land_t *land = st->land;
-  int nland = 0;
+  const size_t mb = (size_t)st->kp.meta_ints * 4u, meta = st->nd.off_meta;
   size_t small = 0, rows = 0, part = 0;
   nd_stage_sizes(st, &small, &rows, &part);
   disco_nd_params_t nd = st->nd;
@@ -302,29 +315,22 @@ disco_result_t disco_nd_run_dispatch(disco_comm_t *comm, disco_nd_plan_t *pl,
     rc = disco_nccl_cuda(disco_nd_k_dispatch(kp, &nd, &pl->dev, io, stream), fn,
                          "dispatch kernel (send half)", r);
   if (rc == DISCO_SUCCESS) rc = nd_counts(comm, pl->rows, stream, fn);
-  if (rc != DISCO_SUCCESS) return rc;
-  rc = disco_nccl_nccl(ncclGroupStart(), fn, "ncclGroupStart", r);
+  if (rc == DISCO_SUCCESS) rc = nd_group_start(comm, fn);
   if (rc != DISCO_SUCCESS) return rc;
   for (int i = 0; i < st->nremote && rc == DISCO_SUCCESS; i++) {
     const int d = st->remote_rank[i];
     const size_t nt = (size_t)pl->rows[d], nf = (size_t)pl->rows[W + d];
     char *s = nd_stage(st, i);
-    const size_t am = st->nd.off_meta + (size_t)d * M * mb;
-    rc = nd_xfer(comm, d, s + st->nd.off_meta + (size_t)r * M * mb, nt * mb, s + am,
-                 local + am, nf * mb, land, &nland, stream, fn,
-                 "ncclSend/ncclRecv(metadata)");
+    rc = nd_xfer_small(comm, i, d, meta + (size_t)r * M * mb, nt * mb,
+                       meta + (size_t)d * M * mb, nf * mb, stream, fn,
+                       "ncclSend/ncclRecv(metadata)");
     if (rc == DISCO_SUCCESS)
       rc = nd_xfer(comm, d, s + small, nt * rb, s + small + rows + part,
-                   local + st->nd.off_rows + (size_t)d * M * rb, nf * rb, land, &nland,
+                   (char *)st->win_mem + st->nd.off_rows + (size_t)d * M * rb, nf * rb,
                    stream, fn, "ncclSend/ncclRecv(rows)");
-    if (rc == DISCO_SUCCESS)
-      rc = nd_xfer(comm, d, nd_flag_at(st, s, DISCO_ND_DFLAG, r), 8u,
-                   nd_flag_at(st, s, DISCO_ND_DFLAG, d),
-                   nd_flag_at(st, local, DISCO_ND_DFLAG, d), 8u, land, &nland, stream, fn,
-                   "ncclSend/ncclRecv(flag)");
+    if (rc == DISCO_SUCCESS) rc = nd_xfer_flag(comm, i, d, DISCO_ND_DFLAG, stream, fn);
   }
-  rc = nd_group_end(comm, rc, fn);
-  if (rc == DISCO_SUCCESS) rc = nd_land_all(comm, land, nland, stream, fn);
+  rc = nd_group_finish(comm, rc, stream, fn);
   if (rc != DISCO_SUCCESS) return rc;
   nd.phase = 2;
   io2.topk_idx = NULL; /* the send half made the layout */
@@ -341,26 +347,21 @@ disco_result_t disco_nd_run_combine(disco_comm_t *comm, disco_nd_plan_t *pl,
   disco_nd_state_t *st = comm->backend_state;
   const int W = comm->world_size, r = comm->rank;
   disco_nd_params_t nd = st->nd;
-  if (!st->hybrid)
-    return disco_nccl_cuda(
+  disco_result_t rc = DISCO_SUCCESS;
+  if (st->hybrid) {
+    rc = nd_not_capturing(comm, stream, fn);
+    nd.phase = 1;
+  }
+  if (rc == DISCO_SUCCESS)
+    rc = disco_nccl_cuda(
         disco_nd_k_combine(kp, &nd, &pl->dev, y, y_rows, weighted, wire32, rank_major,
                            status, out, num_tokens, stream),
-        fn, "combine kernel", r);
+        fn, st->hybrid ? "combine kernel (send half)" : "combine kernel", r);
+  if (!st->hybrid || rc != DISCO_SUCCESS) return rc;
   const size_t M = (size_t)st->kp.max_tokens, pb = (size_t)st->nd.part_vecs * 16u;
-  char *local = st->win_mem;
-  nd_land_t *land = st->land;
-  int nland = 0;
   size_t small = 0, rows = 0, part = 0;
   nd_stage_sizes(st, &small, &rows, &part);
-  disco_result_t rc = nd_not_capturing(comm, stream, fn);
-  nd.phase = 1;
-  if (rc == DISCO_SUCCESS)
-    rc =
-        disco_nccl_cuda(disco_nd_k_combine(kp, &nd, &pl->dev, y, y_rows, weighted, wire32,
-                                           rank_major, status, out, num_tokens, stream),
-                        fn, "combine kernel (send half)", r);
-  if (rc != DISCO_SUCCESS) return rc;
-  rc = disco_nccl_nccl(ncclGroupStart(), fn, "ncclGroupStart", r);
+  rc = nd_group_start(comm, fn);
   if (rc != DISCO_SUCCESS) return rc;
   /* A partial per row the dispatch brought us from d (pl->rows[W + d]) goes
    * back to d; d's for the rows we sent it come in. Stale rows travel when a
@@ -370,21 +371,12 @@ disco_result_t disco_nd_run_combine(disco_comm_t *comm, disco_nd_plan_t *pl,
     const size_t nf = (size_t)pl->rows[W + d], nt = (size_t)pl->rows[d];
     char *s = nd_stage(st, i);
     rc = nd_xfer(comm, d, s + small + rows, nf * pb, s + small + 2u * rows + part,
-                 local + st->nd.off_part + (size_t)d * M * pb, nt * pb, land, &nland,
+                 (char *)st->win_mem + st->nd.off_part + (size_t)d * M * pb, nt * pb,
                  stream, fn, "ncclSend/ncclRecv(partials)");
-    if (rc == DISCO_SUCCESS)
-      rc = nd_xfer(comm, d, nd_flag_at(st, s, DISCO_ND_CSTAT, r), 8u,
-                   nd_flag_at(st, s, DISCO_ND_CSTAT, d),
-                   nd_flag_at(st, local, DISCO_ND_CSTAT, d), 8u, land, &nland, stream, fn,
-                   "ncclSend/ncclRecv(status)");
-    if (rc == DISCO_SUCCESS)
-      rc = nd_xfer(comm, d, nd_flag_at(st, s, DISCO_ND_CFLAG, r), 8u,
-                   nd_flag_at(st, s, DISCO_ND_CFLAG, d),
-                   nd_flag_at(st, local, DISCO_ND_CFLAG, d), 8u, land, &nland, stream, fn,
-                   "ncclSend/ncclRecv(flag)");
+    if (rc == DISCO_SUCCESS) rc = nd_xfer_flag(comm, i, d, DISCO_ND_CSTAT, stream, fn);
+    if (rc == DISCO_SUCCESS) rc = nd_xfer_flag(comm, i, d, DISCO_ND_CFLAG, stream, fn);
   }
-  rc = nd_group_end(comm, rc, fn);
-  if (rc == DISCO_SUCCESS) rc = nd_land_all(comm, land, nland, stream, fn);
+  rc = nd_group_finish(comm, rc, stream, fn);
   if (rc != DISCO_SUCCESS) return rc;
   nd.phase = 2;
   return disco_nccl_cuda(
